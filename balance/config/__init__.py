@@ -1,0 +1,8 @@
+"""
+Balance's configuration: YAML with line marks (L{load}), validation into
+frozen model objects (L{validate}, L{model}), and units (L{units}).
+"""
+
+from balance.config.validate import ConfigError, loadConfig
+
+__all__ = ["ConfigError", "loadConfig"]

@@ -1,0 +1,131 @@
+"""
+Read YAML keeping the line of every key and item, so that validation errors
+can say C{FILE:LINE: key.path: ...}.
+
+PyYAML's composer gives nodes with marks; we construct plain Python values
+from them ourselves, wrapping mappings and sequences in subclasses of L{dict}
+and L{list} that remember where each entry was written.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+
+class ConfigSyntaxError(Exception):
+    """
+    The file is not readable YAML.
+
+    @ivar line: 1-based line of the problem, or 0 when unknown.
+    """
+
+    def __init__(self, path: str, line: int, message: str):
+        super().__init__(f"{path}:{line}: {message}")
+        self.path = path
+        self.line = line
+        self.message = message
+
+
+class MarkedDict(dict):
+    """
+    A mapping read from YAML.
+
+    @ivar line: The line the mapping starts on.
+    @ivar keyLines: The line of each key.
+    @ivar duplicates: C{(key, line)} of keys written more than once.
+    """
+
+    line = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keyLines: dict = {}
+        self.duplicates: list = []
+
+
+class MarkedList(list):
+    """
+    A sequence read from YAML.
+
+    @ivar line: The line the sequence starts on.
+    @ivar itemLines: The line of each item.
+    """
+
+    line = 0
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.itemLines: list = []
+
+
+def _line(node) -> int:
+    return node.start_mark.line + 1
+
+
+def _construct(constructor: yaml.constructor.SafeConstructor, node):
+    if isinstance(node, yaml.MappingNode):
+        constructor.flatten_mapping(node)
+        result = MarkedDict()
+        result.line = _line(node)
+        for keyNode, valueNode in node.value:
+            # Keys are names: keep their text, so that `on:` (a boolean in
+            # YAML 1.1) stays the string "on".
+            if not isinstance(keyNode, yaml.ScalarNode):
+                raise ConfigSyntaxError("", _line(keyNode), "a mapping key must be a plain value")
+            key = keyNode.value
+            if key in result:
+                result.duplicates.append((key, _line(keyNode)))
+            result[key] = _construct(constructor, valueNode)
+            result.keyLines[key] = _line(keyNode)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        result = MarkedList()
+        result.line = _line(node)
+        for itemNode in node.value:
+            result.append(_construct(constructor, itemNode))
+            result.itemLines.append(_line(itemNode))
+        return result
+    return constructor.construct_object(node, deep=True)
+
+
+def loadText(text: str, path: str = "<string>"):
+    """
+    Parse YAML text into plain values with line marks.
+
+    @return: A L{MarkedDict} (or whatever the document's top is, or L{None}
+        for an empty document).
+    @raise ConfigSyntaxError: If the text is not YAML.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        return _construct(loader, node)
+    except ConfigSyntaxError as e:
+        raise ConfigSyntaxError(path, e.line, e.message) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        what = " ".join(p for p in (e.context, e.problem) if p)
+        raise ConfigSyntaxError(path, line, f"invalid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigSyntaxError(path, 0, f"invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def loadFile(path: str):
+    """
+    Read and parse a YAML file.
+
+    @raise ConfigSyntaxError: If it cannot be read or is not YAML.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigSyntaxError(path, 0, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigSyntaxError(path, 0, f"not UTF-8 text: {e.reason}") from None
+    return loadText(text, path)

@@ -1,0 +1,684 @@
+"""
+Turn the YAML of a Balance config file into a L{balance.config.model.Config},
+or into every error it contains at once, each C{FILE:LINE: key.path: what was
+expected, got what}.
+
+Each section is described by a table of fields; a field is a small parser
+C{(ctx, value, path, line) -> value} that reports its own errors through the
+L{balance.config.fields.Context} and returns L{BAD} when it could not produce a value, so one bad
+key does not hide the others.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from balance.config import model
+from balance.config.fields import (
+    BAD,
+    HOSTNAME,
+    HTTP_METHODS,
+    Context,
+    address,
+    boolean,
+    choice,
+    cidr,
+    describe,
+    duration,
+    filePath,
+    headerName,
+    integer,
+    join,
+    listOf,
+    mapOf,
+    name,
+    nullable,
+    number,
+    percent,
+    positive,
+    scalarText,
+    section,
+    serverEndpoint,
+    size,
+    string,
+    text,
+)
+from balance.config.load import ConfigSyntaxError, MarkedDict, MarkedList, loadFile
+
+LB_POLICIES = (
+    "round_robin",
+    "weighted_round_robin",
+    "least_connections",
+    "random",
+    "power_of_two",
+    "peak_ewma",
+    "ring_hash",
+    "maglev",
+    "consistent_hash_bounded",
+)
+HASH_POLICIES = ("ring_hash", "maglev", "consistent_hash_bounded")
+RETRY_CONDITIONS = ("connect-failure", "reset", "timeout", "5xx", "gateway-error")
+
+
+class ConfigError(Exception):
+    """
+    A config file is invalid.
+
+    @ivar errors: One line per problem, C{FILE:LINE: key.path: message},
+        in file order.
+    """
+
+    def __init__(self, errors: list[str]):
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+# -- sections ------------------------------------------------------------------
+
+
+def _backend(ctx, value, path, line):
+    if isinstance(value, str):
+        # Shorthand: a bare "host:port" string.
+        value = MarkedDict(address=value)
+        value.keyLines["address"] = line
+    parsed = section(
+        {"address": address, "weight": integer(minimum=1, maximum=1000)},
+        required=("address",),
+    )(ctx, value, path, line)
+    if parsed is BAD:
+        return BAD
+    host, port = parsed["address"]
+    return model.Backend(
+        address=value["address"], host=host, port=port, weight=parsed.get("weight", 1)
+    )
+
+
+_healthCheck = section(
+    {
+        "type": choice("http", "tcp"),
+        "path": string,
+        "expect_status": listOf(integer(minimum=100, maximum=599), minimum=1),
+        "expect_body": nullable(string),
+        "host": nullable(string),
+        "interval": duration(positive=True),
+        "timeout": duration(positive=True),
+        "healthy_threshold": positive(),
+        "unhealthy_threshold": positive(),
+    },
+    build=model.HealthCheck,
+)
+
+_upstreamTls = section(
+    {
+        "verify": boolean,
+        "ca": nullable(filePath),
+        "sni": nullable(string),
+        "client_cert": nullable(filePath),
+        "client_key": nullable(filePath),
+    },
+    build=model.UpstreamTLS,
+)
+
+_cluster = section(
+    {
+        "name": name,
+        "lb": choice(*LB_POLICIES),
+        "hash_on": nullable(string),
+        "bounded_load": number(minimum=1.0, exclusiveMinimum=True),
+        "sticky_cookie": nullable(string),
+        "slow_start": duration(),
+        "backends": listOf(_backend, minimum=1),
+        "upstream_protocol": choice("http/1.1", "h2"),
+        "tls": nullable(_upstreamTls),
+        "connect_timeout": duration(positive=True),
+        "pool": section(
+            {"max_idle_per_backend": integer(minimum=0), "idle_timeout": duration(positive=True)},
+            build=model.Pool,
+        ),
+        "health_check": nullable(_healthCheck),
+        "outlier_detection": nullable(
+            section(
+                {
+                    "consecutive_failures": positive(),
+                    "base_ejection": duration(positive=True),
+                    "max_ejected_percent": percent,
+                },
+                build=model.OutlierDetection,
+            )
+        ),
+        "panic_threshold": percent,
+        "circuit_breaker": section(
+            {
+                "max_connections": positive(),
+                "max_pending": integer(minimum=0),
+                "max_requests": positive(),
+            },
+            build=model.CircuitBreaker,
+        ),
+        "send_proxy_protocol": nullable(choice("v1", "v2")),
+    },
+    required=("name", "backends"),
+)
+
+
+def _hashOn(ctx, value, path, line):
+    if value in ("client_ip", "path"):
+        return value
+    if isinstance(value, str):
+        kind, _, arg = value.partition(":")
+        if kind in ("header", "cookie") and arg:
+            return value
+    return ctx.error(
+        line, path, f"expected client_ip | header:NAME | cookie:NAME | path, got {describe(value)}"
+    )
+
+
+def _clusterModel(ctx, value, path, line):
+    parsed = _cluster(ctx, value, path, line)
+    if parsed is BAD:
+        return BAD
+    lines = getattr(value, "keyLines", {})
+    if parsed.get("hash_on") is not None:
+        if (
+            _hashOn(ctx, parsed["hash_on"], join(path, "hash_on"), lines.get("hash_on", line))
+            is BAD
+        ):
+            return BAD
+    elif parsed.get("lb") in HASH_POLICIES:
+        return ctx.error(
+            lines.get("lb", line),
+            join(path, "lb"),
+            f"policy {parsed['lb']} needs hash_on (client_ip | header:NAME | cookie:NAME | path)",
+        )
+    return model.Cluster(**parsed)
+
+
+def _version(ctx, value, path, line):
+    # Unquoted 1.2 is read by YAML as a float; accept it as the user meant.
+    if isinstance(value, float):
+        value = f"{value:g}"
+    return choice("1.2", "1.3")(ctx, value, path, line)
+
+
+_listenerTls = section(
+    {
+        "certificates": listOf(
+            section(
+                {"cert": filePath, "key": filePath},
+                required=("cert", "key"),
+                build=model.Certificate,
+            ),
+            minimum=1,
+        ),
+        "default_certificate": nullable(filePath),
+        "alpn": listOf(choice("h2", "http/1.1"), minimum=1),
+        "min_version": _version,
+        "client_ca": nullable(filePath),
+        "client_cert_header": headerName,
+        "ocsp_staple": nullable(filePath),
+    },
+    required=("certificates",),
+    build=model.ListenerTLS,
+)
+
+_limits = section(
+    {
+        "max_connections": positive(),
+        "max_header_bytes": size,
+        "max_body_bytes": size,
+        "max_connections_per_ip": nullable(positive()),
+    },
+    build=model.Limits,
+)
+
+_timeouts = section(
+    {"handshake": duration(positive=True), "idle": duration(positive=True)},
+    build=model.Timeouts,
+)
+
+_accessLog = section(
+    {"path": filePath, "format": choice("json", "combined")},
+    required=("path",),
+    build=model.AccessLog,
+)
+
+
+def _pathRegex(ctx, value, path, line):
+    if not isinstance(value, str):
+        return ctx.error(line, path, f"expected a regular expression, got {describe(value)}")
+    try:
+        re.compile(value)
+    except re.error as e:
+        return ctx.error(line, path, f"expected a regular expression ({e}), got {describe(value)}")
+    return value
+
+
+def _absPath(ctx, value, path, line):
+    if not isinstance(value, str) or not value.startswith("/"):
+        return ctx.error(line, path, f'expected a path starting with "/", got {describe(value)}')
+    return value
+
+
+def _method(ctx, value, path, line):
+    if not isinstance(value, str) or not HTTP_METHODS.match(value):
+        return ctx.error(line, path, f"expected an HTTP method in capitals, got {describe(value)}")
+    return value
+
+
+def _hostPattern(ctx, value, path, line):
+    if not isinstance(value, str) or not value:
+        return ctx.error(line, path, f'expected a host name or "*.domain", got {describe(value)}')
+    bare = value[2:] if value.startswith("*.") else value
+    if not HOSTNAME.match(bare.split(":")[0]):
+        return ctx.error(line, path, f'expected a host name or "*.domain", got {describe(value)}')
+    return value.lower()
+
+
+_match = section(
+    {
+        "host": _hostPattern,
+        "path": _absPath,
+        "path_prefix": _absPath,
+        "path_regex": _pathRegex,
+        "methods": listOf(_method, minimum=1),
+        "headers": mapOf(headerName, scalarText),
+        "sni": _hostPattern,
+    },
+    build=model.Match,
+)
+
+_headerEdits = section(
+    {"set": mapOf(headerName, scalarText), "remove": listOf(headerName)},
+    build=model.HeaderEdits,
+)
+
+
+def _retryOn(ctx, value, path, line):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and (value in RETRY_CONDITIONS or re.match(r"^[1-5]\d\d$", value)):
+        return value
+    return ctx.error(
+        line,
+        path,
+        f"expected one of {' | '.join(RETRY_CONDITIONS)} or a status code, got {describe(value)}",
+    )
+
+
+_retry = section(
+    {
+        "attempts": integer(minimum=1, maximum=10),
+        "on": listOf(_retryOn),
+        "backoff": section({"base": duration(), "max": duration()}, build=model.Backoff),
+        "per_try_timeout": nullable(duration(positive=True)),
+        "budget": percent,
+    },
+    build=model.Retry,
+)
+
+
+def _rateLimitKey(ctx, value, path, line):
+    if value in ("client_ip", "route"):
+        return value
+    if isinstance(value, str) and value.startswith("header:") and len(value) > 7:
+        return value
+    return ctx.error(line, path, f"expected client_ip | header:NAME | route, got {describe(value)}")
+
+
+_rateLimit = section(
+    {
+        "requests": positive(),
+        "per": duration(positive=True),
+        "burst": integer(minimum=0),
+        "key": _rateLimitKey,
+    },
+    required=("requests", "per"),
+    build=model.RateLimit,
+)
+
+
+def _status(low, high):
+    return integer(minimum=low, maximum=high)
+
+
+_route = section(
+    {
+        "match": _match,
+        "cluster": name,
+        "rewrite": section({"path_prefix": _absPath}),
+        "request_headers": _headerEdits,
+        "response_headers": _headerEdits,
+        "timeout": nullable(duration(positive=True)),
+        "retry": nullable(_retry),
+        "rate_limit": nullable(_rateLimit),
+        "websocket": boolean,
+        "websocket_max_message_bytes": nullable(size),
+        "allow": listOf(cidr),
+        "direct_response": section(
+            {
+                "status": _status(200, 599),
+                "body": text,
+                "headers": mapOf(headerName, scalarText),
+            },
+            build=model.DirectResponse,
+        ),
+        "redirect": section(
+            {"status": choice(301, 302, 303, 307, 308), "location": string},
+            required=("location",),
+            build=model.Redirect,
+        ),
+    },
+)
+
+
+def _routeModel(ctx, value, path, line):
+    parsed = _route(ctx, value, path, line)
+    if parsed is BAD:
+        return BAD
+    actions = [k for k in ("cluster", "direct_response", "redirect") if k in parsed]
+    if len(actions) != 1:
+        got = ", ".join(actions) if actions else "none"
+        return ctx.error(
+            line, path, f"expected exactly one of cluster, direct_response, redirect, got {got}"
+        )
+    rewrite = parsed.pop("rewrite", None)
+    if rewrite:
+        parsed["rewrite_path_prefix"] = rewrite.get("path_prefix")
+    return model.Route(**parsed)
+
+
+_listener = section(
+    {
+        "name": name,
+        "listen": serverEndpoint,
+        "protocol": choice("tcp", "http"),
+        "proxy_protocol": boolean,
+        "tls": nullable(_listenerTls),
+        "limits": _limits,
+        "allow": listOf(cidr),
+        "deny": listOf(cidr),
+        "timeouts": _timeouts,
+        "access_log": nullable(_accessLog),
+        "cluster": name,
+        "routes": listOf(_routeModel),
+    },
+    required=("name", "listen"),
+    build=model.Listener,
+)
+
+_admin = section(
+    {"listen": serverEndpoint, "token_file": nullable(filePath)},
+    build=model.Admin,
+)
+
+
+def _workers(ctx, value, path, line):
+    if value == "auto":
+        return 0
+    return integer(minimum=1, maximum=256)(ctx, value, path, line)
+
+
+def _redisUrl(ctx, value, path, line):
+    if not isinstance(value, str) or not re.match(r"^rediss?://[^/\s]+(/\d+)?$", value):
+        return ctx.error(line, path, f'expected "redis://host:port/db", got {describe(value)}')
+    return value
+
+
+_top = section(
+    {
+        "admin": nullable(_admin),
+        "workers": _workers,
+        "drain_timeout": duration(),
+        "listeners": listOf(_listener),
+        "clusters": listOf(_clusterModel),
+        "rate_limit_store": nullable(
+            section(
+                {"redis": _redisUrl, "failure_mode": choice("open", "closed")},
+                required=("redis",),
+                build=model.RateLimitStore,
+            )
+        ),
+        "tracing": nullable(
+            section(
+                {
+                    "service_name": string,
+                    "sample_ratio": number(minimum=0.0, maximum=1.0),
+                    "otlp_endpoint": nullable(string),
+                },
+                build=model.Tracing,
+            )
+        ),
+        "whoami": listOf(
+            section(
+                {"name": name, "listen": serverEndpoint},
+                required=("name", "listen"),
+                build=model.Whoami,
+            )
+        ),
+    },
+)
+
+
+# -- whole-file checks ---------------------------------------------------------
+
+
+def _lineOf(raw, *keys) -> int:
+    """Find the line of a nested key in the raw YAML tree, as deep as it goes."""
+    node, line = raw, getattr(raw, "line", 0)
+    for key in keys:
+        if isinstance(node, MarkedDict) and key in node:
+            line = node.keyLines.get(key, line)
+            node = node[key]
+        elif isinstance(node, MarkedList) and isinstance(key, int) and key < len(node):
+            line = node.itemLines[key]
+            node = node[key]
+        else:
+            break
+    return line
+
+
+def _items(raw, key):
+    value = raw.get(key) if isinstance(raw, dict) else None
+    if not isinstance(value, list):
+        return []
+    return [(i, item) for i, item in enumerate(value) if isinstance(item, dict)]
+
+
+def _crossChecks(ctx, raw):
+    """
+    Checks that span sections: unique names and listen addresses, references
+    to clusters.  They read the raw tree, so they also run when some
+    sections had errors of their own and all problems are reported at once.
+    """
+    clusterNames = {
+        c.get("name") for _, c in _items(raw, "clusters") if isinstance(c.get("name"), str)
+    }
+
+    for sectionName in ("listeners", "clusters", "whoami"):
+        seen = {}
+        for i, item in _items(raw, sectionName):
+            itemName = item.get("name")
+            if not isinstance(itemName, str):
+                continue
+            if itemName in seen:
+                ctx.error(
+                    _lineOf(raw, sectionName, i, "name"),
+                    f"{sectionName}[{i}].name",
+                    f'duplicate name "{itemName}", already used by {sectionName}[{seen[itemName]}]',
+                )
+            else:
+                seen[itemName] = i
+
+    sockets = [(f"listeners[{i}]", ("listeners", i), item) for i, item in _items(raw, "listeners")]
+    sockets += [(f"whoami[{i}]", ("whoami", i), w) for i, w in _items(raw, "whoami")]
+    if isinstance(raw.get("admin"), dict):
+        sockets.append(("admin", ("admin",), raw["admin"]))
+    addresses = {}
+    for where, keys, item in sockets:
+        listen = item.get("listen")
+        if not isinstance(listen, str):
+            continue
+        if listen in addresses:
+            ctx.error(
+                _lineOf(raw, *keys, "listen"),
+                f"{where}.listen",
+                f'"{listen}" is already used by {addresses[listen]}',
+            )
+        else:
+            addresses[listen] = where
+
+    for i, listener in _items(raw, "listeners"):
+        where = f"listeners[{i}]"
+        protocol = listener.get("protocol", "http")
+        ref = listener.get("cluster")
+        if isinstance(ref, str) and ref not in clusterNames:
+            ctx.error(
+                _lineOf(raw, "listeners", i, "cluster"),
+                f"{where}.cluster",
+                f'expected the name of a cluster, got "{ref}" (no such cluster)',
+            )
+        routes = _items(listener, "routes")
+        for j, route in routes:
+            rwhere = f"{where}.routes[{j}]"
+            keys = ("listeners", i, "routes", j)
+            ref = route.get("cluster")
+            if isinstance(ref, str) and ref not in clusterNames:
+                ctx.error(
+                    _lineOf(raw, *keys, "cluster"),
+                    f"{rwhere}.cluster",
+                    f'expected the name of a cluster, got "{ref}" (no such cluster)',
+                )
+            match = route.get("match")
+            matchKeys = set(match) if isinstance(match, dict) else set()
+            if protocol == "tcp":
+                if matchKeys != {"sni"}:
+                    ctx.error(
+                        _lineOf(raw, *keys, "match"),
+                        f"{rwhere}.match",
+                        "expected exactly {sni: NAME} on a tcp listener's route",
+                    )
+                if "cluster" not in route:
+                    ctx.error(
+                        _lineOf(raw, *keys),
+                        rwhere,
+                        "expected a cluster on a tcp listener's route",
+                    )
+            elif "sni" in matchKeys:
+                ctx.error(
+                    _lineOf(raw, *keys, "match", "sni"),
+                    f"{rwhere}.match.sni",
+                    "sni routes are for tcp listeners; use match.host on http listeners",
+                )
+        if "cluster" not in listener and not listener.get("routes"):
+            ctx.error(
+                _lineOf(raw, "listeners", i),
+                where,
+                "expected a cluster or routes: there is nowhere to send connections",
+            )
+
+
+# Features whose keys are part of the contract but which this version does
+# not implement yet: refusing them is better than silently ignoring them
+# (a "tls:" that serves plaintext would be a security hole).
+_UNSUPPORTED: list[tuple[tuple, Callable, str]] = []
+
+
+def unsupported(keys: tuple, test: Callable, what):
+    """Declare a contract feature that this version refuses with a message."""
+    _UNSUPPORTED.append((keys, test, what))
+
+
+def _unsupportedChecks(ctx, raw, config: model.Config):
+    scopes = {
+        "listeners": list(enumerate(config.listeners)),
+        "clusters": list(enumerate(config.clusters)),
+        "": [(None, config)],
+    }
+    for keys, test, what in _UNSUPPORTED:
+        scope, keyPath = keys[0], keys[1:]
+        for i, item in scopes[scope]:
+            if not test(item):
+                continue
+            rawKeys = (scope, i, *keyPath) if scope else keyPath
+            shown = [f"{scope}[{i}]", *keyPath] if scope else list(keyPath)
+            message = what(item) if callable(what) else what
+            ctx.error(
+                _lineOf(raw, *rawKeys),
+                ".".join(shown),
+                f"{message} is not implemented in this version of Balance",
+            )
+
+
+unsupported(("listeners", "protocol"), lambda li: li.protocol == "http", "protocol http")
+unsupported(("listeners", "tls"), lambda li: li.tls is not None, "TLS termination")
+unsupported(("listeners", "proxy_protocol"), lambda li: li.proxy_protocol, "proxy_protocol")
+unsupported(("listeners", "allow"), lambda li: bool(li.allow), "allow lists")
+unsupported(("listeners", "deny"), lambda li: bool(li.deny), "deny lists")
+unsupported(("listeners", "access_log"), lambda li: li.access_log is not None, "access_log")
+unsupported(
+    ("listeners", "routes"), lambda li: li.protocol == "tcp" and bool(li.routes), "SNI routing"
+)
+unsupported(
+    ("listeners", "limits", "max_connections_per_ip"),
+    lambda li: li.limits.max_connections_per_ip is not None,
+    "max_connections_per_ip",
+)
+unsupported(("clusters", "lb"), lambda c: c.lb != "round_robin", lambda c: f"lb {c.lb}")
+unsupported(("clusters", "tls"), lambda c: c.tls is not None, "backend TLS")
+unsupported(("clusters", "health_check"), lambda c: c.health_check is not None, "health_check")
+unsupported(
+    ("clusters", "outlier_detection"),
+    lambda c: c.outlier_detection is not None,
+    "outlier_detection",
+)
+unsupported(("clusters", "sticky_cookie"), lambda c: c.sticky_cookie is not None, "sticky_cookie")
+unsupported(("clusters", "slow_start"), lambda c: c.slow_start > 0, "slow_start")
+unsupported(
+    ("clusters", "send_proxy_protocol"),
+    lambda c: c.send_proxy_protocol is not None,
+    "send_proxy_protocol",
+)
+unsupported(("", "admin"), lambda c: c.admin is not None, "the admin API")
+unsupported(("", "workers"), lambda c: c.workers != 1, "more than one worker")
+unsupported(("", "rate_limit_store"), lambda c: c.rate_limit_store is not None, "rate_limit_store")
+unsupported(("", "tracing"), lambda c: c.tracing is not None, "tracing")
+
+
+def validate(raw, path: str) -> model.Config:
+    """
+    Check a parsed YAML tree and build the config model.
+
+    @param raw: What L{balance.config.load.loadText} returned.
+    @param path: The file name, for messages.
+    @raise ConfigError: With every problem found.
+    """
+    ctx = Context(path)
+    if raw is None:
+        raw = MarkedDict()
+    parsed = _top(ctx, raw, "", getattr(raw, "line", 1))
+    if isinstance(raw, dict):
+        _crossChecks(ctx, raw)
+    if not ctx.errors and not parsed.get("listeners") and not parsed.get("whoami"):
+        ctx.error(1, "listeners", "expected at least one listener")
+    if ctx.errors:
+        raise ConfigError(ctx.lines())
+    config = model.Config(path=path, **parsed)
+    _unsupportedChecks(ctx, raw, config)
+    if ctx.errors:
+        raise ConfigError(ctx.lines())
+    return config
+
+
+def loadConfig(path: str) -> model.Config:
+    """
+    Read, parse and validate a config file.
+
+    @raise ConfigError: With every problem found, including YAML syntax errors
+        and an unreadable file.
+    """
+    try:
+        raw = loadFile(path)
+    except ConfigSyntaxError as e:
+        raise ConfigError([str(e)]) from None
+    return validate(raw, path)

@@ -1,0 +1,357 @@
+"""
+Tests for L{balance.config.validate}: every class of config error is reported
+as C{FILE:LINE: key.path: what was expected, got what}, all at once.
+"""
+
+import textwrap
+
+from twisted.trial import unittest
+
+from balance.config import model
+from balance.config.load import loadText
+from balance.config.validate import ConfigError, loadConfig, validate
+
+GOOD = """\
+listeners:
+  - name: web
+    listen: "tcp:8080:interface=127.0.0.1"
+    protocol: tcp
+    cluster: demo
+clusters:
+  - name: demo
+    backends:
+      - {address: "127.0.0.1:9001"}
+      - {address: "127.0.0.1:9002", weight: 3}
+"""
+
+
+def check(text: str) -> model.Config:
+    return validate(loadText(textwrap.dedent(text), "t.yaml"), "t.yaml")
+
+
+class ValidTests(unittest.TestCase):
+    def test_model(self):
+        """A valid file becomes frozen model objects with defaults filled in."""
+        config = check(GOOD + "whoami:\n  - {name: a, listen: 'tcp:9001'}\n")
+        [listener] = config.listeners
+        self.assertEqual(listener.name, "web")
+        self.assertEqual(listener.protocol, "tcp")
+        self.assertEqual(listener.timeouts.idle, 60.0)
+        self.assertEqual(config.cluster("demo").connect_timeout, 2.0)
+        self.assertEqual(
+            config.cluster("demo").backends[1],
+            model.Backend(address="127.0.0.1:9002", host="127.0.0.1", port=9002, weight=3),
+        )
+        self.assertEqual(config.whoami, (model.Whoami(name="a", listen="tcp:9001"),))
+        self.assertEqual(config.drain_timeout, 30.0)
+        self.assertRaises(AttributeError, setattr, listener, "name", "x")
+        self.assertRaises(KeyError, config.cluster, "nope")
+
+    def test_shorthandAndIPv6(self):
+        config = check(
+            """\
+            listeners: [{name: l, listen: "tcp6:8080", protocol: tcp, cluster: c}]
+            clusters:
+              - name: c
+                connect_timeout: 250ms
+                backends: ["[::1]:9001", "backend.internal:80"]
+            """
+        )
+        self.assertEqual(
+            [(b.host, b.port) for b in config.clusters[0].backends],
+            [("::1", 9001), ("backend.internal", 80)],
+        )
+        self.assertEqual(config.clusters[0].connect_timeout, 0.25)
+
+    def test_workersAuto(self):
+        config = validate(loadText(GOOD + "workers: 1\n"), "t.yaml")
+        self.assertEqual(config.workers, 1)
+
+    def test_unixAndSystemd(self):
+        check(
+            """\
+            listeners:
+              - {name: a, listen: "unix:/tmp/balance.sock", protocol: tcp, cluster: c}
+              - {name: b, listen: "systemd:domain=INET:index=0", protocol: tcp, cluster: c}
+            clusters: [{name: c, backends: ["127.0.0.1:1"]}]
+            """
+        )
+
+
+class ErrorTests(unittest.TestCase):
+    def errors(self, text: str) -> list[str]:
+        e = self.assertRaises(ConfigError, check, text)
+        return e.errors
+
+    def test_unknownKey(self):
+        self.assertEqual(
+            self.errors(GOOD + "  - name: other\n    backend: []\n"),
+            [
+                "t.yaml:11: clusters[1].backends: required key is missing",
+                't.yaml:12: clusters[1].backend: unknown key (did you mean "backends"?); '
+                "expected one of: name, lb, hash_on, bounded_load, sticky_cookie, slow_start, "
+                "backends, upstream_protocol, tls, connect_timeout, pool, health_check, "
+                "outlier_detection, panic_threshold, circuit_breaker, send_proxy_protocol",
+            ],
+        )
+
+    def test_topLevelUnknownKey(self):
+        [error] = self.errors(GOOD + "listener: []\n")
+        self.assertTrue(
+            error.startswith('t.yaml:11: listener: unknown key (did you mean "listeners"?)'),
+            error,
+        )
+
+    def test_wrongTypes(self):
+        self.assertEqual(
+            self.errors(
+                """\
+                listeners: {name: web}
+                clusters:
+                  - name: [demo]
+                    backends: "127.0.0.1:9001"
+                    connect_timeout: 5
+                whoami: 3
+                """
+            ),
+            [
+                "t.yaml:1: listeners: expected a list, got a mapping",
+                "t.yaml:3: clusters[0].name: expected a name of letters, digits, "
+                "'.', '_' or '-', got a list",
+                't.yaml:4: clusters[0].backends: expected a list, got "127.0.0.1:9001"',
+                "t.yaml:5: clusters[0].connect_timeout: expected a duration such as "
+                '"250ms", "5s", "2m" or "1h", got 5',
+                "t.yaml:6: whoami: expected a list, got 3",
+            ],
+        )
+
+    def test_badDurations(self):
+        errors = self.errors(GOOD + "    connect_timeout: 0s\n" + "drain_timeout: soon\n")
+        self.assertEqual(
+            errors,
+            [
+                't.yaml:11: clusters[0].connect_timeout: expected a duration above zero, got "0s"',
+                't.yaml:12: drain_timeout: expected a duration such as "250ms", "5s", '
+                '"2m" or "1h", got "soon"',
+            ],
+        )
+
+    def test_badEndpoint(self):
+        errors = self.errors(GOOD.replace('"tcp:8080:interface=127.0.0.1"', '"tpc:8080"'))
+        self.assertEqual(
+            errors,
+            [
+                "t.yaml:3: listeners[0].listen: expected a Twisted server endpoint such as "
+                '"tcp:8080:interface=127.0.0.1" (Unknown endpoint type: \'tpc\'), got "tpc:8080"'
+            ],
+        )
+
+    def test_badEndpointOption(self):
+        [error] = self.errors(GOOD.replace("interface=127.0.0.1", "iface=127.0.0.1"))
+        self.assertIn("(unknown option iface)", error)
+
+    def test_portOutOfRange(self):
+        [error] = self.errors(GOOD.replace('"tcp:8080:', '"tcp:80800:'))
+        self.assertIn("(port out of range)", error)
+
+    def test_badSystemd(self):
+        [error] = self.errors(GOOD.replace('"tcp:8080:interface=127.0.0.1"', '"systemd:index=0"'))
+        self.assertIn("systemd endpoints need domain=INET, INET6 or UNIX", error)
+
+    def test_badAddresses(self):
+        errors = self.errors(
+            GOOD.replace('"127.0.0.1:9001"', '"foo"').replace('"127.0.0.1:9002"', '"[::1]:0"')
+        )
+        self.assertEqual(
+            errors,
+            [
+                't.yaml:9: clusters[0].backends[0].address: expected "host:port", got "foo"',
+                't.yaml:10: clusters[0].backends[1].address: expected "host:port", got "[::1]:0"',
+            ],
+        )
+
+    def test_duplicateNames(self):
+        errors = self.errors(
+            GOOD
+            + "  - name: demo\n    backends: ['127.0.0.1:1']\n"
+            + "whoami:\n  - {name: a, listen: 'tcp:9001'}\n  - {name: a, listen: 'tcp:9002'}\n"
+        )
+        self.assertEqual(
+            errors,
+            [
+                't.yaml:11: clusters[1].name: duplicate name "demo", already used by clusters[0]',
+                't.yaml:15: whoami[1].name: duplicate name "a", already used by whoami[0]',
+            ],
+        )
+
+    def test_duplicateKey(self):
+        [error] = self.errors(GOOD + "    lb: round_robin\n    lb: round_robin\n")
+        self.assertEqual(error, "t.yaml:12: clusters[0].lb: key given more than once")
+
+    def test_duplicateListen(self):
+        [error] = self.errors(
+            GOOD + "whoami:\n  - {name: a, listen: 'tcp:8080:interface=127.0.0.1'}\n"
+        )
+        self.assertEqual(
+            error,
+            't.yaml:12: whoami[0].listen: "tcp:8080:interface=127.0.0.1" is already used by '
+            "listeners[0]",
+        )
+
+    def test_missingCluster(self):
+        [error] = self.errors(GOOD.replace("cluster: demo", "cluster: dmeo"))
+        self.assertEqual(
+            error,
+            't.yaml:5: listeners[0].cluster: expected the name of a cluster, got "dmeo" '
+            "(no such cluster)",
+        )
+
+    def test_missingClusterInRoute(self):
+        errors = self.errors(
+            """\
+            listeners:
+              - name: web
+                listen: "tcp:8080"
+                routes:
+                  - match: {path_prefix: /}
+                    cluster: nope
+            clusters: []
+            """
+        )
+        self.assertEqual(
+            errors,
+            [
+                "t.yaml:6: listeners[0].routes[0].cluster: expected the name of a cluster, "
+                'got "nope" (no such cluster)'
+            ],
+        )
+
+    def test_nowhereToGo(self):
+        [error] = self.errors(GOOD.replace("    cluster: demo\n", ""))
+        self.assertEqual(
+            error,
+            "t.yaml:2: listeners[0]: expected a cluster or routes: there is nowhere to send "
+            "connections",
+        )
+
+    def test_routeActions(self):
+        errors = self.errors(
+            """\
+            listeners:
+              - name: web
+                listen: "tcp:8080"
+                routes:
+                  - match: {path: /a}
+                  - match: {path: /b}
+                    cluster: c
+                    redirect: {location: "https://x/"}
+            clusters: [{name: c, backends: ["127.0.0.1:1"]}]
+            """
+        )
+        self.assertEqual(
+            errors,
+            [
+                "t.yaml:5: listeners[0].routes[0]: expected exactly one of cluster, "
+                "direct_response, redirect, got none",
+                "t.yaml:6: listeners[0].routes[1]: expected exactly one of cluster, "
+                "direct_response, redirect, got cluster, redirect",
+            ],
+        )
+
+    def test_tcpRoutes(self):
+        errors = self.errors(
+            GOOD.replace(
+                "    cluster: demo\n",
+                "    cluster: demo\n    routes: [{match: {host: a.com}, cluster: demo}]\n",
+                1,
+            )
+        )
+        self.assertEqual(
+            errors,
+            [
+                "t.yaml:6: listeners[0].routes[0].match: expected exactly {sni: NAME} "
+                "on a tcp listener's route"
+            ],
+        )
+
+    def test_hashPolicyNeedsKey(self):
+        [error] = self.errors(GOOD + "    lb: maglev\n")
+        self.assertEqual(
+            error,
+            "t.yaml:11: clusters[0].lb: policy maglev needs hash_on "
+            "(client_ip | header:NAME | cookie:NAME | path)",
+        )
+
+    def test_choices(self):
+        errors = self.errors(GOOD.replace("protocol: tcp", "protocol: udp") + "    lb: fastest\n")
+        self.assertEqual(
+            errors,
+            [
+                't.yaml:4: listeners[0].protocol: expected one of tcp | http, got "udp"',
+                "t.yaml:11: clusters[0].lb: expected one of round_robin | weighted_round_robin "
+                "| least_connections | random | power_of_two | peak_ewma | ring_hash | maglev "
+                '| consistent_hash_bounded, got "fastest"',
+            ],
+        )
+
+    def test_percentAndSizes(self):
+        errors = self.errors(
+            GOOD + "    panic_threshold: 150%\n" + "    circuit_breaker: {max_connections: 0}\n"
+        )
+        self.assertEqual(
+            errors,
+            [
+                "t.yaml:11: clusters[0].panic_threshold: expected a percentage from 0% to "
+                '100%, got "150%"',
+                "t.yaml:12: clusters[0].circuit_breaker.max_connections: expected an integer "
+                ">= 1, got 0",
+            ],
+        )
+
+    def test_allErrorsAtOnce(self):
+        """Errors in several sections are all reported, in file order."""
+        errors = self.errors(
+            """\
+            listeners:
+              - name: web
+                listen: "tcp:x"
+                protocol: tcp
+                cluster: missing
+            clusters:
+              - name: c
+                backends: ["nope"]
+            whoami:
+              - {name: w}
+            """
+        )
+        self.assertEqual([e.split(":")[1] for e in errors], ["3", "5", "8", "10"])
+
+    def test_notAMapping(self):
+        [error] = self.errors("- a\n- b\n")
+        self.assertEqual(error, "t.yaml:1: expected a mapping, got a list")
+
+    def test_empty(self):
+        [error] = self.errors("")
+        self.assertEqual(error, "t.yaml:1: listeners: expected at least one listener")
+
+    def test_unsupported(self):
+        """
+        Contract keys of features this version lacks are refused by name,
+        never silently ignored.
+        """
+        [error] = self.errors(
+            GOOD.replace("protocol: tcp", "protocol: tcp\n    proxy_protocol: true")
+        )
+        self.assertEqual(
+            error,
+            "t.yaml:5: listeners[0].proxy_protocol: proxy_protocol is not implemented in "
+            "this version of Balance",
+        )
+
+    def test_loadConfigSyntax(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("listeners: [\n")
+        e = self.assertRaises(ConfigError, loadConfig, path)
+        [error] = e.errors
+        self.assertTrue(error.startswith(f"{path}:2: invalid YAML: "), error)
