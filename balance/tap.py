@@ -8,7 +8,7 @@ import sys
 
 from twisted.python import usage
 
-from balance.config.validate import ConfigError, loadConfig
+from balance.config.validate import ConfigError, load_config
 
 
 class Options(usage.Options):
@@ -40,7 +40,7 @@ class Options(usage.Options):
         if not path:
             raise usage.UsageError("--config FILE is required")
         try:
-            self.model = loadConfig(path)
+            self.model = load_config(path)
         except ConfigError as e:
             for line in e.errors:
                 print(line, file=sys.stderr)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
-from balance.config.units import parseDuration, parseSize
+from balance.config.units import parse_duration, parse_size
 
 BAD = object()
 
@@ -37,17 +37,17 @@ class Context:
         self.path = path
         self.errors: list[tuple[int, str, str]] = []
 
-    def error(self, line: int, keyPath: str, message: str) -> object:
-        self.errors.append((line, keyPath, message))
+    def error(self, line: int, key_path: str, message: str) -> object:
+        self.errors.append((line, key_path, message))
         return BAD
 
     def lines(self) -> list[str]:
         ordered = sorted(enumerate(self.errors), key=lambda e: (e[1][0], e[0]))
         return [
-            f"{self.path}:{line}: {keyPath}: {message}"
-            if keyPath
+            f"{self.path}:{line}: {key_path}: {message}"
+            if key_path
             else f"{self.path}:{line}: {message}"
-            for _, (line, keyPath, message) in ordered
+            for _, (line, key_path, message) in ordered
         ]
 
 
@@ -110,12 +110,12 @@ def integer(minimum=None, maximum=None):
     return parse
 
 
-def number(minimum=None, maximum=None, exclusiveMinimum=False):
+def number(minimum=None, maximum=None, exclusive_minimum=False):
     def parse(ctx, value, path, line):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return ctx.error(line, path, f"expected a number, got {describe(value)}")
-        if minimum is not None and (value < minimum or (exclusiveMinimum and value == minimum)):
-            op = ">" if exclusiveMinimum else ">="
+        if minimum is not None and (value < minimum or (exclusive_minimum and value == minimum)):
+            op = ">" if exclusive_minimum else ">="
             return ctx.error(line, path, f"expected a number {op} {minimum}, got {value}")
         if maximum is not None and value > maximum:
             return ctx.error(line, path, f"expected a number <= {maximum}, got {value}")
@@ -130,7 +130,7 @@ def duration(positive=False):
         if not isinstance(value, str):
             return ctx.error(line, path, f"{expected}, got {describe(value)}")
         try:
-            seconds = parseDuration(value)
+            seconds = parse_duration(value)
         except ValueError:
             return ctx.error(line, path, f"{expected}, got {describe(value)}")
         if positive and seconds <= 0:
@@ -142,7 +142,7 @@ def duration(positive=False):
 
 def size(ctx, value, path, line):
     try:
-        return parseSize(value)
+        return parse_size(value)
     except ValueError:
         return ctx.error(
             line,
@@ -189,7 +189,7 @@ def nullable(parser):
     return parse
 
 
-def scalarText(ctx, value, path, line):
+def scalar_text(ctx, value, path, line):
     """A header value or body: strings, and numbers written without quotes."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return ctx.error(line, path, f"expected a string, got {describe(value)}")
@@ -206,7 +206,7 @@ def text(ctx, value, path, line):
     return str(value)
 
 
-def headerName(ctx, value, path, line):
+def header_name(ctx, value, path, line):
     if not isinstance(value, str) or not HEADER_NAME.match(value):
         return ctx.error(line, path, f"expected an HTTP header name, got {describe(value)}")
     return value.lower()
@@ -221,11 +221,11 @@ def cidr(ctx, value, path, line):
         return ctx.error(line, path, f'expected a CIDR such as "10.0.0.0/8", got {describe(value)}')
 
 
-def filePath(ctx, value, path, line):
+def file_path(ctx, value, path, line):
     return string(ctx, value, path, line)
 
 
-def _checkSystemd(description: str) -> str | None:
+def _check_systemd(description: str) -> str | None:
     # Twisted's systemd parser looks the socket up while parsing, which fails
     # outside systemd; check only the syntax here.
     args = dict(part.split("=", 1) for part in description.split(":")[1:] if "=" in part)
@@ -238,7 +238,7 @@ def _checkSystemd(description: str) -> str | None:
     return None
 
 
-def _endpointReason(e: Exception) -> str:
+def _endpoint_reason(e: Exception) -> str:
     """Say why Twisted refused an endpoint string, in the user's terms."""
     text = str(e)
     if "invalid literal for int()" in text:
@@ -251,19 +251,19 @@ def _endpointReason(e: Exception) -> str:
     return text or type(e).__name__
 
 
-def serverEndpoint(ctx, value, path, line):
+def server_endpoint(ctx, value, path, line):
     expected = 'expected a Twisted server endpoint such as "tcp:8080:interface=127.0.0.1"'
     if not isinstance(value, str) or not value:
         return ctx.error(line, path, f"{expected}, got {describe(value)}")
     if value.startswith("systemd:"):
-        problem = _checkSystemd(value)
+        problem = _check_systemd(value)
         if problem:
             return ctx.error(line, path, f"{expected}: {problem}, got {describe(value)}")
         return value
     try:
         endpoint = serverFromString(MemoryReactor(), value)
     except Exception as e:
-        reason = _endpointReason(e)
+        reason = _endpoint_reason(e)
         return ctx.error(line, path, f"{expected} ({reason}), got {describe(value)}")
     port = getattr(endpoint, "_port", None)
     if isinstance(port, int) and not 0 <= port <= 65535:
@@ -271,7 +271,7 @@ def serverEndpoint(ctx, value, path, line):
     return value
 
 
-def splitAddress(text: str) -> tuple[str, int]:
+def split_address(text: str) -> tuple[str, int]:
     """
     Split C{"host:port"} or C{"[v6]:port"}.
 
@@ -301,7 +301,7 @@ def address(ctx, value, path, line):
     try:
         if not isinstance(value, str):
             raise ValueError(value)
-        return splitAddress(value)
+        return split_address(value)
     except ValueError:
         return ctx.error(line, path, f'expected "host:port", got {describe(value)}')
 
@@ -309,13 +309,13 @@ def address(ctx, value, path, line):
 # -- containers --------------------------------------------------------------
 
 
-def listOf(parser, minimum=0):
+def list_of(parser, minimum=0):
     def parse(ctx, value, path, line):
         if not isinstance(value, list):
             return ctx.error(line, path, f"expected a list, got {describe(value)}")
         if len(value) < minimum:
             return ctx.error(line, path, f"expected at least {minimum} item(s), got {len(value)}")
-        lines = getattr(value, "itemLines", [line] * len(value))
+        lines = getattr(value, "item_lines", [line] * len(value))
         items = [parser(ctx, item, join(path, i), lines[i]) for i, item in enumerate(value)]
         if any(item is BAD for item in items):
             return BAD
@@ -324,20 +324,23 @@ def listOf(parser, minimum=0):
     return parse
 
 
-def mapOf(keyParser, valueParser):
+def map_of(key_parser, value_parser):
     """A mapping of free-form keys, e.g. header names to values."""
 
     def parse(ctx, value, path, line):
         if not isinstance(value, dict):
             return ctx.error(line, path, f"expected a mapping, got {describe(value)}")
         duplicates(ctx, value, path)
-        keyLines = getattr(value, "keyLines", {})
+        key_lines = getattr(value, "key_lines", {})
         items = []
         for key, item in value.items():
-            keyPath = join(path, key)
-            keyLine = keyLines.get(key, line)
+            key_path = join(path, key)
+            key_line = key_lines.get(key, line)
             items.append(
-                (keyParser(ctx, key, keyPath, keyLine), valueParser(ctx, item, keyPath, keyLine))
+                (
+                    key_parser(ctx, key, key_path, key_line),
+                    value_parser(ctx, item, key_path, key_line),
+                )
             )
         if any(k is BAD or v is BAD for k, v in items):
             return BAD
@@ -347,8 +350,8 @@ def mapOf(keyParser, valueParser):
 
 
 def duplicates(ctx, value, path):
-    for key, dupLine in getattr(value, "duplicates", ()):
-        ctx.error(dupLine, join(path, key), "key given more than once")
+    for key, dup_line in getattr(value, "duplicates", ()):
+        ctx.error(dup_line, join(path, key), "key given more than once")
 
 
 def section(fields: dict[str, Callable], required=(), build=None):
@@ -364,23 +367,23 @@ def section(fields: dict[str, Callable], required=(), build=None):
         if not isinstance(value, dict):
             return ctx.error(line, path, f"expected a mapping, got {describe(value)}")
         duplicates(ctx, value, path)
-        keyLines = getattr(value, "keyLines", {})
+        key_lines = getattr(value, "key_lines", {})
         values = {}
         for key, item in value.items():
-            keyPath = join(path, key)
-            keyLine = keyLines.get(key, line)
+            key_path = join(path, key)
+            key_line = key_lines.get(key, line)
             parser = fields.get(key)
             if parser is None:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = f' (did you mean "{close[0]}"?)' if close else ""
                 ctx.error(
-                    keyLine,
-                    keyPath,
+                    key_line,
+                    key_path,
                     f"unknown key{hint}; expected one of: {', '.join(fields)}",
                 )
                 values[key] = BAD
                 continue
-            values[key] = parser(ctx, item, keyPath, keyLine)
+            values[key] = parser(ctx, item, key_path, key_line)
         for key in required:
             if key not in value:
                 values[key] = ctx.error(line, join(path, key), "required key is missing")

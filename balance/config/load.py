@@ -31,7 +31,7 @@ class MarkedDict(dict):
     A mapping read from YAML.
 
     @ivar line: The line the mapping starts on.
-    @ivar keyLines: The line of each key.
+    @ivar key_lines: The line of each key.
     @ivar duplicates: C{(key, line)} of keys written more than once.
     """
 
@@ -39,7 +39,7 @@ class MarkedDict(dict):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.keyLines: dict = {}
+        self.key_lines: dict = {}
         self.duplicates: list = []
 
 
@@ -48,14 +48,14 @@ class MarkedList(list):
     A sequence read from YAML.
 
     @ivar line: The line the sequence starts on.
-    @ivar itemLines: The line of each item.
+    @ivar item_lines: The line of each item.
     """
 
     line = 0
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.itemLines: list = []
+        self.item_lines: list = []
 
 
 def _line(node) -> int:
@@ -67,28 +67,28 @@ def _construct(constructor: yaml.constructor.SafeConstructor, node):
         constructor.flatten_mapping(node)
         result = MarkedDict()
         result.line = _line(node)
-        for keyNode, valueNode in node.value:
+        for key_node, value_node in node.value:
             # Keys are names: keep their text, so that `on:` (a boolean in
             # YAML 1.1) stays the string "on".
-            if not isinstance(keyNode, yaml.ScalarNode):
-                raise ConfigSyntaxError("", _line(keyNode), "a mapping key must be a plain value")
-            key = keyNode.value
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigSyntaxError("", _line(key_node), "a mapping key must be a plain value")
+            key = key_node.value
             if key in result:
-                result.duplicates.append((key, _line(keyNode)))
-            result[key] = _construct(constructor, valueNode)
-            result.keyLines[key] = _line(keyNode)
+                result.duplicates.append((key, _line(key_node)))
+            result[key] = _construct(constructor, value_node)
+            result.key_lines[key] = _line(key_node)
         return result
     if isinstance(node, yaml.SequenceNode):
         result = MarkedList()
         result.line = _line(node)
-        for itemNode in node.value:
-            result.append(_construct(constructor, itemNode))
-            result.itemLines.append(_line(itemNode))
+        for item_node in node.value:
+            result.append(_construct(constructor, item_node))
+            result.item_lines.append(_line(item_node))
         return result
     return constructor.construct_object(node, deep=True)
 
 
-def loadText(text: str, path: str = "<string>"):
+def load_text(text: str, path: str = "<string>"):
     """
     Parse YAML text into plain values with line marks.
 
@@ -115,7 +115,7 @@ def loadText(text: str, path: str = "<string>"):
         loader.dispose()
 
 
-def loadFile(path: str):
+def load_file(path: str):
     """
     Read and parse a YAML file.
 
@@ -128,4 +128,4 @@ def loadFile(path: str):
         raise ConfigSyntaxError(path, 0, f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise ConfigSyntaxError(path, 0, f"not UTF-8 text: {e.reason}") from None
-    return loadText(text, path)
+    return load_text(text, path)

@@ -33,7 +33,7 @@ _SIZE_UNITS = {
 }
 
 
-def parseDuration(text: str) -> float:
+def parse_duration(text: str) -> float:
     """
     Parse a duration with a unit (C{us}, C{ms}, C{s}, C{m}, C{h}, C{d}).
 
@@ -46,7 +46,7 @@ def parseDuration(text: str) -> float:
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
-def parseSize(value) -> int:
+def parse_size(value) -> int:
     """
     Parse a size: an integer number of bytes, or a string with a unit
     (C{KiB}, C{MiB}, C{GiB}, or decimal C{KB}, C{MB}, C{GB}).
@@ -68,7 +68,7 @@ def parseSize(value) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
-def formatDuration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """
     Write C{seconds} back in the shortest exact unit, for messages and the
     effective-config view.

@@ -26,25 +26,25 @@ from balance.config.fields import (
     cidr,
     describe,
     duration,
-    filePath,
-    headerName,
+    file_path,
+    header_name,
     integer,
     join,
-    listOf,
-    mapOf,
+    list_of,
+    map_of,
     name,
     nullable,
     number,
     percent,
     positive,
-    scalarText,
+    scalar_text,
     section,
-    serverEndpoint,
+    server_endpoint,
     size,
     string,
     text,
 )
-from balance.config.load import ConfigSyntaxError, MarkedDict, MarkedList, loadFile
+from balance.config.load import ConfigSyntaxError, MarkedDict, MarkedList, load_file
 
 LB_POLICIES = (
     "round_robin",
@@ -81,7 +81,7 @@ def _backend(ctx, value, path, line):
     if isinstance(value, str):
         # Shorthand: a bare "host:port" string.
         value = MarkedDict(address=value)
-        value.keyLines["address"] = line
+        value.key_lines["address"] = line
     parsed = section(
         {"address": address, "weight": integer(minimum=1, maximum=1000)},
         required=("address",),
@@ -94,11 +94,11 @@ def _backend(ctx, value, path, line):
     )
 
 
-_healthCheck = section(
+_health_check = section(
     {
         "type": choice("http", "tcp"),
         "path": string,
-        "expect_status": listOf(integer(minimum=100, maximum=599), minimum=1),
+        "expect_status": list_of(integer(minimum=100, maximum=599), minimum=1),
         "expect_body": nullable(string),
         "host": nullable(string),
         "interval": duration(positive=True),
@@ -109,13 +109,13 @@ _healthCheck = section(
     build=model.HealthCheck,
 )
 
-_upstreamTls = section(
+_upstream_tls = section(
     {
         "verify": boolean,
-        "ca": nullable(filePath),
+        "ca": nullable(file_path),
         "sni": nullable(string),
-        "client_cert": nullable(filePath),
-        "client_key": nullable(filePath),
+        "client_cert": nullable(file_path),
+        "client_key": nullable(file_path),
     },
     build=model.UpstreamTLS,
 )
@@ -125,18 +125,18 @@ _cluster = section(
         "name": name,
         "lb": choice(*LB_POLICIES),
         "hash_on": nullable(string),
-        "bounded_load": number(minimum=1.0, exclusiveMinimum=True),
+        "bounded_load": number(minimum=1.0, exclusive_minimum=True),
         "sticky_cookie": nullable(string),
         "slow_start": duration(),
-        "backends": listOf(_backend, minimum=1),
+        "backends": list_of(_backend, minimum=1),
         "upstream_protocol": choice("http/1.1", "h2"),
-        "tls": nullable(_upstreamTls),
+        "tls": nullable(_upstream_tls),
         "connect_timeout": duration(positive=True),
         "pool": section(
             {"max_idle_per_backend": integer(minimum=0), "idle_timeout": duration(positive=True)},
             build=model.Pool,
         ),
-        "health_check": nullable(_healthCheck),
+        "health_check": nullable(_health_check),
         "outlier_detection": nullable(
             section(
                 {
@@ -162,7 +162,7 @@ _cluster = section(
 )
 
 
-def _hashOn(ctx, value, path, line):
+def _hash_on(ctx, value, path, line):
     if value in ("client_ip", "path"):
         return value
     if isinstance(value, str):
@@ -174,14 +174,14 @@ def _hashOn(ctx, value, path, line):
     )
 
 
-def _clusterModel(ctx, value, path, line):
+def _cluster_model(ctx, value, path, line):
     parsed = _cluster(ctx, value, path, line)
     if parsed is BAD:
         return BAD
-    lines = getattr(value, "keyLines", {})
+    lines = getattr(value, "key_lines", {})
     if parsed.get("hash_on") is not None:
         if (
-            _hashOn(ctx, parsed["hash_on"], join(path, "hash_on"), lines.get("hash_on", line))
+            _hash_on(ctx, parsed["hash_on"], join(path, "hash_on"), lines.get("hash_on", line))
             is BAD
         ):
             return BAD
@@ -201,22 +201,22 @@ def _version(ctx, value, path, line):
     return choice("1.2", "1.3")(ctx, value, path, line)
 
 
-_listenerTls = section(
+_listener_tls = section(
     {
-        "certificates": listOf(
+        "certificates": list_of(
             section(
-                {"cert": filePath, "key": filePath},
+                {"cert": file_path, "key": file_path},
                 required=("cert", "key"),
                 build=model.Certificate,
             ),
             minimum=1,
         ),
-        "default_certificate": nullable(filePath),
-        "alpn": listOf(choice("h2", "http/1.1"), minimum=1),
+        "default_certificate": nullable(file_path),
+        "alpn": list_of(choice("h2", "http/1.1"), minimum=1),
         "min_version": _version,
-        "client_ca": nullable(filePath),
-        "client_cert_header": headerName,
-        "ocsp_staple": nullable(filePath),
+        "client_ca": nullable(file_path),
+        "client_cert_header": header_name,
+        "ocsp_staple": nullable(file_path),
     },
     required=("certificates",),
     build=model.ListenerTLS,
@@ -237,14 +237,14 @@ _timeouts = section(
     build=model.Timeouts,
 )
 
-_accessLog = section(
-    {"path": filePath, "format": choice("json", "combined")},
+_access_log = section(
+    {"path": file_path, "format": choice("json", "combined")},
     required=("path",),
     build=model.AccessLog,
 )
 
 
-def _pathRegex(ctx, value, path, line):
+def _path_regex(ctx, value, path, line):
     if not isinstance(value, str):
         return ctx.error(line, path, f"expected a regular expression, got {describe(value)}")
     try:
@@ -254,7 +254,7 @@ def _pathRegex(ctx, value, path, line):
     return value
 
 
-def _absPath(ctx, value, path, line):
+def _abs_path(ctx, value, path, line):
     if not isinstance(value, str) or not value.startswith("/"):
         return ctx.error(line, path, f'expected a path starting with "/", got {describe(value)}')
     return value
@@ -266,7 +266,7 @@ def _method(ctx, value, path, line):
     return value
 
 
-def _hostPattern(ctx, value, path, line):
+def _host_pattern(ctx, value, path, line):
     if not isinstance(value, str) or not value:
         return ctx.error(line, path, f'expected a host name or "*.domain", got {describe(value)}')
     bare = value[2:] if value.startswith("*.") else value
@@ -277,24 +277,24 @@ def _hostPattern(ctx, value, path, line):
 
 _match = section(
     {
-        "host": _hostPattern,
-        "path": _absPath,
-        "path_prefix": _absPath,
-        "path_regex": _pathRegex,
-        "methods": listOf(_method, minimum=1),
-        "headers": mapOf(headerName, scalarText),
-        "sni": _hostPattern,
+        "host": _host_pattern,
+        "path": _abs_path,
+        "path_prefix": _abs_path,
+        "path_regex": _path_regex,
+        "methods": list_of(_method, minimum=1),
+        "headers": map_of(header_name, scalar_text),
+        "sni": _host_pattern,
     },
     build=model.Match,
 )
 
-_headerEdits = section(
-    {"set": mapOf(headerName, scalarText), "remove": listOf(headerName)},
+_header_edits = section(
+    {"set": map_of(header_name, scalar_text), "remove": list_of(header_name)},
     build=model.HeaderEdits,
 )
 
 
-def _retryOn(ctx, value, path, line):
+def _retry_on(ctx, value, path, line):
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if isinstance(value, str) and (value in RETRY_CONDITIONS or re.match(r"^[1-5]\d\d$", value)):
@@ -309,7 +309,7 @@ def _retryOn(ctx, value, path, line):
 _retry = section(
     {
         "attempts": integer(minimum=1, maximum=10),
-        "on": listOf(_retryOn),
+        "on": list_of(_retry_on),
         "backoff": section({"base": duration(), "max": duration()}, build=model.Backoff),
         "per_try_timeout": nullable(duration(positive=True)),
         "budget": percent,
@@ -318,7 +318,7 @@ _retry = section(
 )
 
 
-def _rateLimitKey(ctx, value, path, line):
+def _rate_limit_key(ctx, value, path, line):
     if value in ("client_ip", "route"):
         return value
     if isinstance(value, str) and value.startswith("header:") and len(value) > 7:
@@ -326,12 +326,12 @@ def _rateLimitKey(ctx, value, path, line):
     return ctx.error(line, path, f"expected client_ip | header:NAME | route, got {describe(value)}")
 
 
-_rateLimit = section(
+_rate_limit = section(
     {
         "requests": positive(),
         "per": duration(positive=True),
         "burst": integer(minimum=0),
-        "key": _rateLimitKey,
+        "key": _rate_limit_key,
     },
     required=("requests", "per"),
     build=model.RateLimit,
@@ -346,20 +346,20 @@ _route = section(
     {
         "match": _match,
         "cluster": name,
-        "rewrite": section({"path_prefix": _absPath}),
-        "request_headers": _headerEdits,
-        "response_headers": _headerEdits,
+        "rewrite": section({"path_prefix": _abs_path}),
+        "request_headers": _header_edits,
+        "response_headers": _header_edits,
         "timeout": nullable(duration(positive=True)),
         "retry": nullable(_retry),
-        "rate_limit": nullable(_rateLimit),
+        "rate_limit": nullable(_rate_limit),
         "websocket": boolean,
         "websocket_max_message_bytes": nullable(size),
-        "allow": listOf(cidr),
+        "allow": list_of(cidr),
         "direct_response": section(
             {
                 "status": _status(200, 599),
                 "body": text,
-                "headers": mapOf(headerName, scalarText),
+                "headers": map_of(header_name, scalar_text),
             },
             build=model.DirectResponse,
         ),
@@ -372,7 +372,7 @@ _route = section(
 )
 
 
-def _routeModel(ctx, value, path, line):
+def _route_model(ctx, value, path, line):
     parsed = _route(ctx, value, path, line)
     if parsed is BAD:
         return BAD
@@ -391,24 +391,24 @@ def _routeModel(ctx, value, path, line):
 _listener = section(
     {
         "name": name,
-        "listen": serverEndpoint,
+        "listen": server_endpoint,
         "protocol": choice("tcp", "http"),
         "proxy_protocol": boolean,
-        "tls": nullable(_listenerTls),
+        "tls": nullable(_listener_tls),
         "limits": _limits,
-        "allow": listOf(cidr),
-        "deny": listOf(cidr),
+        "allow": list_of(cidr),
+        "deny": list_of(cidr),
         "timeouts": _timeouts,
-        "access_log": nullable(_accessLog),
+        "access_log": nullable(_access_log),
         "cluster": name,
-        "routes": listOf(_routeModel),
+        "routes": list_of(_route_model),
     },
     required=("name", "listen"),
     build=model.Listener,
 )
 
 _admin = section(
-    {"listen": serverEndpoint, "token_file": nullable(filePath)},
+    {"listen": server_endpoint, "token_file": nullable(file_path)},
     build=model.Admin,
 )
 
@@ -419,7 +419,7 @@ def _workers(ctx, value, path, line):
     return integer(minimum=1, maximum=256)(ctx, value, path, line)
 
 
-def _redisUrl(ctx, value, path, line):
+def _redis_url(ctx, value, path, line):
     if not isinstance(value, str) or not re.match(r"^rediss?://[^/\s]+(/\d+)?$", value):
         return ctx.error(line, path, f'expected "redis://host:port/db", got {describe(value)}')
     return value
@@ -430,11 +430,11 @@ _top = section(
         "admin": nullable(_admin),
         "workers": _workers,
         "drain_timeout": duration(),
-        "listeners": listOf(_listener),
-        "clusters": listOf(_clusterModel),
+        "listeners": list_of(_listener),
+        "clusters": list_of(_cluster_model),
         "rate_limit_store": nullable(
             section(
-                {"redis": _redisUrl, "failure_mode": choice("open", "closed")},
+                {"redis": _redis_url, "failure_mode": choice("open", "closed")},
                 required=("redis",),
                 build=model.RateLimitStore,
             )
@@ -449,9 +449,9 @@ _top = section(
                 build=model.Tracing,
             )
         ),
-        "whoami": listOf(
+        "whoami": list_of(
             section(
-                {"name": name, "listen": serverEndpoint},
+                {"name": name, "listen": server_endpoint},
                 required=("name", "listen"),
                 build=model.Whoami,
             )
@@ -463,15 +463,15 @@ _top = section(
 # -- whole-file checks ---------------------------------------------------------
 
 
-def _lineOf(raw, *keys) -> int:
+def _line_of(raw, *keys) -> int:
     """Find the line of a nested key in the raw YAML tree, as deep as it goes."""
     node, line = raw, getattr(raw, "line", 0)
     for key in keys:
         if isinstance(node, MarkedDict) and key in node:
-            line = node.keyLines.get(key, line)
+            line = node.key_lines.get(key, line)
             node = node[key]
         elif isinstance(node, MarkedList) and isinstance(key, int) and key < len(node):
-            line = node.itemLines[key]
+            line = node.item_lines[key]
             node = node[key]
         else:
             break
@@ -485,30 +485,30 @@ def _items(raw, key):
     return [(i, item) for i, item in enumerate(value) if isinstance(item, dict)]
 
 
-def _crossChecks(ctx, raw):
+def _cross_checks(ctx, raw):
     """
     Checks that span sections: unique names and listen addresses, references
     to clusters.  They read the raw tree, so they also run when some
     sections had errors of their own and all problems are reported at once.
     """
-    clusterNames = {
+    cluster_names = {
         c.get("name") for _, c in _items(raw, "clusters") if isinstance(c.get("name"), str)
     }
 
-    for sectionName in ("listeners", "clusters", "whoami"):
+    for section_name in ("listeners", "clusters", "whoami"):
         seen = {}
-        for i, item in _items(raw, sectionName):
-            itemName = item.get("name")
-            if not isinstance(itemName, str):
+        for i, item in _items(raw, section_name):
+            item_name = item.get("name")
+            if not isinstance(item_name, str):
                 continue
-            if itemName in seen:
+            if item_name in seen:
                 ctx.error(
-                    _lineOf(raw, sectionName, i, "name"),
-                    f"{sectionName}[{i}].name",
-                    f'duplicate name "{itemName}", already used by {sectionName}[{seen[itemName]}]',
+                    _line_of(raw, section_name, i, "name"),
+                    f"{section_name}[{i}].name",
+                    f'duplicate name "{item_name}", already used by {section_name}[{seen[item_name]}]',
                 )
             else:
-                seen[itemName] = i
+                seen[item_name] = i
 
     sockets = [(f"listeners[{i}]", ("listeners", i), item) for i, item in _items(raw, "listeners")]
     sockets += [(f"whoami[{i}]", ("whoami", i), w) for i, w in _items(raw, "whoami")]
@@ -521,7 +521,7 @@ def _crossChecks(ctx, raw):
             continue
         if listen in addresses:
             ctx.error(
-                _lineOf(raw, *keys, "listen"),
+                _line_of(raw, *keys, "listen"),
                 f"{where}.listen",
                 f'"{listen}" is already used by {addresses[listen]}',
             )
@@ -532,9 +532,9 @@ def _crossChecks(ctx, raw):
         where = f"listeners[{i}]"
         protocol = listener.get("protocol", "http")
         ref = listener.get("cluster")
-        if isinstance(ref, str) and ref not in clusterNames:
+        if isinstance(ref, str) and ref not in cluster_names:
             ctx.error(
-                _lineOf(raw, "listeners", i, "cluster"),
+                _line_of(raw, "listeners", i, "cluster"),
                 f"{where}.cluster",
                 f'expected the name of a cluster, got "{ref}" (no such cluster)',
             )
@@ -543,36 +543,36 @@ def _crossChecks(ctx, raw):
             rwhere = f"{where}.routes[{j}]"
             keys = ("listeners", i, "routes", j)
             ref = route.get("cluster")
-            if isinstance(ref, str) and ref not in clusterNames:
+            if isinstance(ref, str) and ref not in cluster_names:
                 ctx.error(
-                    _lineOf(raw, *keys, "cluster"),
+                    _line_of(raw, *keys, "cluster"),
                     f"{rwhere}.cluster",
                     f'expected the name of a cluster, got "{ref}" (no such cluster)',
                 )
             match = route.get("match")
-            matchKeys = set(match) if isinstance(match, dict) else set()
+            match_keys = set(match) if isinstance(match, dict) else set()
             if protocol == "tcp":
-                if matchKeys != {"sni"}:
+                if match_keys != {"sni"}:
                     ctx.error(
-                        _lineOf(raw, *keys, "match"),
+                        _line_of(raw, *keys, "match"),
                         f"{rwhere}.match",
                         "expected exactly {sni: NAME} on a tcp listener's route",
                     )
                 if "cluster" not in route:
                     ctx.error(
-                        _lineOf(raw, *keys),
+                        _line_of(raw, *keys),
                         rwhere,
                         "expected a cluster on a tcp listener's route",
                     )
-            elif "sni" in matchKeys:
+            elif "sni" in match_keys:
                 ctx.error(
-                    _lineOf(raw, *keys, "match", "sni"),
+                    _line_of(raw, *keys, "match", "sni"),
                     f"{rwhere}.match.sni",
                     "sni routes are for tcp listeners; use match.host on http listeners",
                 )
         if "cluster" not in listener and not listener.get("routes"):
             ctx.error(
-                _lineOf(raw, "listeners", i),
+                _line_of(raw, "listeners", i),
                 where,
                 "expected a cluster or routes: there is nowhere to send connections",
             )
@@ -589,22 +589,22 @@ def unsupported(keys: tuple, test: Callable, what):
     _UNSUPPORTED.append((keys, test, what))
 
 
-def _unsupportedChecks(ctx, raw, config: model.Config):
+def _unsupported_checks(ctx, raw, config: model.Config):
     scopes = {
         "listeners": list(enumerate(config.listeners)),
         "clusters": list(enumerate(config.clusters)),
         "": [(None, config)],
     }
     for keys, test, what in _UNSUPPORTED:
-        scope, keyPath = keys[0], keys[1:]
+        scope, key_path = keys[0], keys[1:]
         for i, item in scopes[scope]:
             if not test(item):
                 continue
-            rawKeys = (scope, i, *keyPath) if scope else keyPath
-            shown = [f"{scope}[{i}]", *keyPath] if scope else list(keyPath)
+            raw_keys = (scope, i, *key_path) if scope else key_path
+            shown = [f"{scope}[{i}]", *key_path] if scope else list(key_path)
             message = what(item) if callable(what) else what
             ctx.error(
-                _lineOf(raw, *rawKeys),
+                _line_of(raw, *raw_keys),
                 ".".join(shown),
                 f"{message} is not implemented in this version of Balance",
             )
@@ -649,7 +649,7 @@ def validate(raw, path: str) -> model.Config:
     """
     Check a parsed YAML tree and build the config model.
 
-    @param raw: What L{balance.config.load.loadText} returned.
+    @param raw: What L{balance.config.load.load_text} returned.
     @param path: The file name, for messages.
     @raise ConfigError: With every problem found.
     """
@@ -658,19 +658,19 @@ def validate(raw, path: str) -> model.Config:
         raw = MarkedDict()
     parsed = _top(ctx, raw, "", getattr(raw, "line", 1))
     if isinstance(raw, dict):
-        _crossChecks(ctx, raw)
+        _cross_checks(ctx, raw)
     if not ctx.errors and not parsed.get("listeners") and not parsed.get("whoami"):
         ctx.error(1, "listeners", "expected at least one listener")
     if ctx.errors:
         raise ConfigError(ctx.lines())
     config = model.Config(path=path, **parsed)
-    _unsupportedChecks(ctx, raw, config)
+    _unsupported_checks(ctx, raw, config)
     if ctx.errors:
         raise ConfigError(ctx.lines())
     return config
 
 
-def loadConfig(path: str) -> model.Config:
+def load_config(path: str) -> model.Config:
     """
     Read, parse and validate a config file.
 
@@ -678,7 +678,7 @@ def loadConfig(path: str) -> model.Config:
         and an unreadable file.
     """
     try:
-        raw = loadFile(path)
+        raw = load_file(path)
     except ConfigSyntaxError as e:
         raise ConfigError([str(e)]) from None
     return validate(raw, path)

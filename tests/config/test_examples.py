@@ -8,14 +8,14 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from balance.config.validate import ConfigError, loadConfig
+from balance.config.validate import ConfigError, load_config
 
 ETC = Path(__file__).resolve().parents[2] / "etc"
 
 
 class ExampleTests(unittest.TestCase):
     def test_shipped(self):
-        config = loadConfig(str(ETC / "balance.yaml"))
+        config = load_config(str(ETC / "balance.yaml"))
         self.assertEqual([w.name for w in config.whoami], ["alpha", "beta"])
         self.assertEqual(config.listeners[0].listen, "tcp:8080:interface=127.0.0.1")
 
@@ -24,7 +24,7 @@ class ExampleTests(unittest.TestCase):
         self.assertTrue(cases)
         for case in cases:
             expected = case.with_suffix(".expected").read_text().splitlines()
-            e = self.assertRaises(ConfigError, loadConfig, str(case))
+            e = self.assertRaises(ConfigError, load_config, str(case))
             prefix = str(case.parent) + "/"
             got = [line.removeprefix(prefix) for line in e.errors]
             self.assertEqual(got, expected, case.name)
@@ -34,6 +34,6 @@ class ExampleTests(unittest.TestCase):
         Every key of CONFIG.md is understood: the only complaints about the
         reference file are features this version does not implement yet.
         """
-        e = self.assertRaises(ConfigError, loadConfig, str(ETC / "examples" / "reference.yaml"))
+        e = self.assertRaises(ConfigError, load_config, str(ETC / "examples" / "reference.yaml"))
         for line in e.errors:
             self.assertTrue(line.endswith("is not implemented in this version of Balance"), line)

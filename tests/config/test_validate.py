@@ -8,8 +8,8 @@ import textwrap
 from twisted.trial import unittest
 
 from balance.config import model
-from balance.config.load import loadText
-from balance.config.validate import ConfigError, loadConfig, validate
+from balance.config.load import load_text
+from balance.config.validate import ConfigError, load_config, validate
 
 GOOD = """\
 listeners:
@@ -26,7 +26,7 @@ clusters:
 
 
 def check(text: str) -> model.Config:
-    return validate(loadText(textwrap.dedent(text), "t.yaml"), "t.yaml")
+    return validate(load_text(textwrap.dedent(text), "t.yaml"), "t.yaml")
 
 
 class ValidTests(unittest.TestCase):
@@ -47,7 +47,7 @@ class ValidTests(unittest.TestCase):
         self.assertRaises(AttributeError, setattr, listener, "name", "x")
         self.assertRaises(KeyError, config.cluster, "nope")
 
-    def test_shorthandAndIPv6(self):
+    def test_shorthand_and_ipv6(self):
         config = check(
             """\
             listeners: [{name: l, listen: "tcp6:8080", protocol: tcp, cluster: c}]
@@ -63,11 +63,11 @@ class ValidTests(unittest.TestCase):
         )
         self.assertEqual(config.clusters[0].connect_timeout, 0.25)
 
-    def test_workersAuto(self):
-        config = validate(loadText(GOOD + "workers: 1\n"), "t.yaml")
+    def test_workers_auto(self):
+        config = validate(load_text(GOOD + "workers: 1\n"), "t.yaml")
         self.assertEqual(config.workers, 1)
 
-    def test_unixAndSystemd(self):
+    def test_unix_and_systemd(self):
         check(
             """\
             listeners:
@@ -83,7 +83,7 @@ class ErrorTests(unittest.TestCase):
         e = self.assertRaises(ConfigError, check, text)
         return e.errors
 
-    def test_unknownKey(self):
+    def test_unknown_key(self):
         self.assertEqual(
             self.errors(GOOD + "  - name: other\n    backend: []\n"),
             [
@@ -95,14 +95,14 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_topLevelUnknownKey(self):
+    def test_top_level_unknown_key(self):
         [error] = self.errors(GOOD + "listener: []\n")
         self.assertTrue(
             error.startswith('t.yaml:11: listener: unknown key (did you mean "listeners"?)'),
             error,
         )
 
-    def test_wrongTypes(self):
+    def test_wrong_types(self):
         self.assertEqual(
             self.errors(
                 """\
@@ -125,7 +125,7 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_badDurations(self):
+    def test_bad_durations(self):
         errors = self.errors(GOOD + "    connect_timeout: 0s\n" + "drain_timeout: soon\n")
         self.assertEqual(
             errors,
@@ -136,7 +136,7 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_badEndpoint(self):
+    def test_bad_endpoint(self):
         errors = self.errors(GOOD.replace('"tcp:8080:interface=127.0.0.1"', '"tpc:8080"'))
         self.assertEqual(
             errors,
@@ -146,19 +146,19 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_badEndpointOption(self):
+    def test_bad_endpoint_option(self):
         [error] = self.errors(GOOD.replace("interface=127.0.0.1", "iface=127.0.0.1"))
         self.assertIn("(unknown option iface)", error)
 
-    def test_portOutOfRange(self):
+    def test_port_out_of_range(self):
         [error] = self.errors(GOOD.replace('"tcp:8080:', '"tcp:80800:'))
         self.assertIn("(port out of range)", error)
 
-    def test_badSystemd(self):
+    def test_bad_systemd(self):
         [error] = self.errors(GOOD.replace('"tcp:8080:interface=127.0.0.1"', '"systemd:index=0"'))
         self.assertIn("systemd endpoints need domain=INET, INET6 or UNIX", error)
 
-    def test_badAddresses(self):
+    def test_bad_addresses(self):
         errors = self.errors(
             GOOD.replace('"127.0.0.1:9001"', '"foo"').replace('"127.0.0.1:9002"', '"[::1]:0"')
         )
@@ -170,7 +170,7 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_duplicateNames(self):
+    def test_duplicate_names(self):
         errors = self.errors(
             GOOD
             + "  - name: demo\n    backends: ['127.0.0.1:1']\n"
@@ -184,11 +184,11 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_duplicateKey(self):
+    def test_duplicate_key(self):
         [error] = self.errors(GOOD + "    lb: round_robin\n    lb: round_robin\n")
         self.assertEqual(error, "t.yaml:12: clusters[0].lb: key given more than once")
 
-    def test_duplicateListen(self):
+    def test_duplicate_listen(self):
         [error] = self.errors(
             GOOD + "whoami:\n  - {name: a, listen: 'tcp:8080:interface=127.0.0.1'}\n"
         )
@@ -198,7 +198,7 @@ class ErrorTests(unittest.TestCase):
             "listeners[0]",
         )
 
-    def test_missingCluster(self):
+    def test_missing_cluster(self):
         [error] = self.errors(GOOD.replace("cluster: demo", "cluster: dmeo"))
         self.assertEqual(
             error,
@@ -206,7 +206,7 @@ class ErrorTests(unittest.TestCase):
             "(no such cluster)",
         )
 
-    def test_missingClusterInRoute(self):
+    def test_missing_cluster_in_route(self):
         errors = self.errors(
             """\
             listeners:
@@ -226,7 +226,7 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_nowhereToGo(self):
+    def test_nowhere_to_go(self):
         [error] = self.errors(GOOD.replace("    cluster: demo\n", ""))
         self.assertEqual(
             error,
@@ -234,7 +234,7 @@ class ErrorTests(unittest.TestCase):
             "connections",
         )
 
-    def test_routeActions(self):
+    def test_route_actions(self):
         errors = self.errors(
             """\
             listeners:
@@ -258,7 +258,7 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_tcpRoutes(self):
+    def test_tcp_routes(self):
         errors = self.errors(
             GOOD.replace(
                 "    cluster: demo\n",
@@ -274,7 +274,7 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_hashPolicyNeedsKey(self):
+    def test_hash_policy_needs_key(self):
         [error] = self.errors(GOOD + "    lb: maglev\n")
         self.assertEqual(
             error,
@@ -294,7 +294,7 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_percentAndSizes(self):
+    def test_percent_and_sizes(self):
         errors = self.errors(
             GOOD + "    panic_threshold: 150%\n" + "    circuit_breaker: {max_connections: 0}\n"
         )
@@ -308,7 +308,7 @@ class ErrorTests(unittest.TestCase):
             ],
         )
 
-    def test_allErrorsAtOnce(self):
+    def test_all_errors_at_once(self):
         """Errors in several sections are all reported, in file order."""
         errors = self.errors(
             """\
@@ -326,7 +326,7 @@ class ErrorTests(unittest.TestCase):
         )
         self.assertEqual([e.split(":")[1] for e in errors], ["3", "5", "8", "10"])
 
-    def test_notAMapping(self):
+    def test_not_a_mapping(self):
         [error] = self.errors("- a\n- b\n")
         self.assertEqual(error, "t.yaml:1: expected a mapping, got a list")
 
@@ -348,10 +348,10 @@ class ErrorTests(unittest.TestCase):
             "this version of Balance",
         )
 
-    def test_loadConfigSyntax(self):
+    def test_load_config_syntax(self):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("listeners: [\n")
-        e = self.assertRaises(ConfigError, loadConfig, path)
+        e = self.assertRaises(ConfigError, load_config, path)
         [error] = e.errors
         self.assertTrue(error.startswith(f"{path}:2: invalid YAML: "), error)
