@@ -591,31 +591,41 @@ def unsupported(keys: tuple, test: Callable, what):
 
 def _unsupported_checks(ctx, raw, config: model.Config):
     scopes = {
-        "listeners": list(enumerate(config.listeners)),
-        "clusters": list(enumerate(config.clusters)),
-        "": [(None, config)],
+        "listeners": [
+            (f"listeners[{i}]", ("listeners", i), li) for i, li in enumerate(config.listeners)
+        ],
+        "routes": [
+            (f"listeners[{i}].routes[{j}]", ("listeners", i, "routes", j), route)
+            for i, li in enumerate(config.listeners)
+            for j, route in enumerate(li.routes)
+        ],
+        "clusters": [
+            (f"clusters[{i}]", ("clusters", i), c) for i, c in enumerate(config.clusters)
+        ],
+        "": [("", (), config)],
     }
     for keys, test, what in _UNSUPPORTED:
         scope, key_path = keys[0], keys[1:]
-        for i, item in scopes[scope]:
+        for shown, raw_keys, item in scopes[scope]:
             if not test(item):
                 continue
-            raw_keys = (scope, i, *key_path) if scope else key_path
-            shown = [f"{scope}[{i}]", *key_path] if scope else list(key_path)
             message = what(item) if callable(what) else what
             ctx.error(
-                _line_of(raw, *raw_keys),
-                ".".join(shown),
+                _line_of(raw, *raw_keys, *key_path),
+                ".".join(p for p in (shown, *key_path) if p),
                 f"{message} is not implemented in this version of Balance",
             )
 
 
-unsupported(("listeners", "protocol"), lambda li: li.protocol == "http", "protocol http")
 unsupported(("listeners", "tls"), lambda li: li.tls is not None, "TLS termination")
 unsupported(("listeners", "proxy_protocol"), lambda li: li.proxy_protocol, "proxy_protocol")
 unsupported(("listeners", "allow"), lambda li: bool(li.allow), "allow lists")
 unsupported(("listeners", "deny"), lambda li: bool(li.deny), "deny lists")
-unsupported(("listeners", "access_log"), lambda li: li.access_log is not None, "access_log")
+unsupported(
+    ("listeners", "access_log"),
+    lambda li: li.access_log is not None and li.protocol == "tcp",
+    "access_log on a tcp listener",
+)
 unsupported(
     ("listeners", "routes"), lambda li: li.protocol == "tcp" and bool(li.routes), "SNI routing"
 )
@@ -638,6 +648,18 @@ unsupported(
     ("clusters", "send_proxy_protocol"),
     lambda c: c.send_proxy_protocol is not None,
     "send_proxy_protocol",
+)
+unsupported(("routes", "retry"), lambda r: r.retry is not None, "retry")
+unsupported(("routes", "rate_limit"), lambda r: r.rate_limit is not None, "rate_limit")
+unsupported(("routes", "websocket"), lambda r: r.websocket, "websocket")
+unsupported(
+    ("routes", "websocket_max_message_bytes"),
+    lambda r: r.websocket_max_message_bytes is not None,
+    "websocket_max_message_bytes",
+)
+unsupported(("routes", "allow"), lambda r: bool(r.allow), "route allow lists")
+unsupported(
+    ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
 )
 unsupported(("", "admin"), lambda c: c.admin is not None, "the admin API")
 unsupported(("", "workers"), lambda c: c.workers != 1, "more than one worker")

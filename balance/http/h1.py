@@ -1,0 +1,420 @@
+"""
+The downstream side of the HTTP/1.1 proxy: a client connection, parsed with
+httptools (llhttp), strict about everything that could make Balance and a
+backend read a request differently.
+
+Requests are answered in order.  While one is being proxied, a pipelined
+next one is parsed and queued, and reading stops until its turn, so the
+bytes held for a client stay bounded by one socket read.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+
+import httptools
+from twisted.internet.protocol import Protocol
+
+from balance import _io
+from balance.http import message
+from balance.http.proxy import ERROR_BODIES, Exchange, local_response
+
+_MAX_HEADERS = 128
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to refuse the request being parsed."""
+
+    def __init__(self, status: int, reason: str):
+        self.status = status
+        self.reason = reason
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing a closing connection."""
+
+
+_TIMER_HEAD = 1  # waiting for (the rest of) a request head
+_TIMER_IDLE = 2  # keep-alive, between requests
+
+
+class DownstreamConnection(Protocol):
+    """
+    One client connection to an HTTP listener.
+
+    :ivar ctx: the listener's L{balance.http.listener.HTTPContext}.
+    :ivar client_ip: the peer address as bytes, for the forwarding headers.
+    :ivar gone: the client connection is closed.
+    """
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.client_ip = b""
+        self.client_port = 0
+        self.gone = False
+        self._parser = None
+        self._direct = False
+        self._wbuf = []
+        self._active = None
+        self._queue = None
+        self._receiving = None
+        self._start_pending = None
+        self._closing = False
+        self._paused = False
+        self.draining = False
+        self._pending_reject = None
+        self._url = b""
+        self._headers = None
+        self._head_bytes = 0
+        self._in_head = False
+        self._timer = None
+        self._deadline = 0.0
+        self._timer_kind = _TIMER_HEAD
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- Protocol ------------------------------------------------------------------
+
+    def connectionMade(self):
+        transport = self.transport
+        peer = transport.getPeer()
+        self.client_ip = getattr(peer, "host", "").encode("ascii") or b"unix"
+        self.client_port = getattr(peer, "port", 0)
+        self._direct = _io.can_send_directly(transport)
+        if self._direct:
+            transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.ctx.connection_made(self)
+        self._set_timer(_TIMER_HEAD, self.ctx.handshake_timeout)
+
+    def dataReceived(self, data: bytes):
+        self.bytes_in += len(data)
+        parser = self._parser
+        if parser is None:
+            # Allocated on the first byte, not on accept: idle connections
+            # cost only their transport.
+            parser = self._parser = httptools.HttpRequestParser(self)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.status, cause.reason)
+            elif not isinstance(cause, _Stop):
+                raise
+        except httptools.HttpParserUpgrade:
+            # Refused in on_headers_complete already.
+            pass
+        except httptools.HttpParserError as e:
+            self._reject(400, "malformed request: %s" % (e,))
+        else:
+            if self._in_head:
+                self._head_bytes += len(data)
+                if self._head_bytes > self.ctx.max_header_bytes:
+                    self._reject(431, "request head larger than max_header_bytes")
+        ex = self._start_pending
+        if ex is not None:
+            self._start_pending = None
+            ex.start()
+        self.flush()
+
+    def connectionLost(self, reason):
+        self.gone = True
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        ex = self._active
+        self._active = None
+        self._queue = None
+        if ex is not None and not ex.response_done:
+            ex.response_done = True
+            conn = ex.upstream
+            if conn is not None:
+                ex.upstream = None
+                conn.abort()
+            ex.reason = ex.reason or "client closed the connection"
+            if not ex.status:
+                ex.status = 499
+            self.ctx.request_done(self, ex)
+        self.ctx.connection_lost(self)
+
+    # -- output --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the client; L{flush} sends them."""
+        self._wbuf.append(data)
+
+    def flush(self) -> None:
+        """Send what L{write} queued, in one system call when possible."""
+        wbuf = self._wbuf
+        if not wbuf or self.gone:
+            wbuf.clear()
+            return
+        data = wbuf[0] if len(wbuf) == 1 else b"".join(wbuf)
+        wbuf.clear()
+        self.bytes_out += len(data)
+        if self._direct:
+            _io.send(self.transport, data)
+        else:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        """Cut the connection: a response could not be completed."""
+        self._closing = True
+        self.flush()
+        self.transport.abortConnection()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the client (nowhere to put the bytes yet)."""
+        if not self._paused and not self.gone:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        """Read again, unless pipelined requests are waiting their turn."""
+        if self._paused and not self._queue and not self._closing:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    # -- parser callbacks ----------------------------------------------------------
+
+    def on_message_begin(self):
+        if self._closing:
+            raise _Stop()
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        if self._active is None:
+            self._set_timer(_TIMER_HEAD, self.ctx.handshake_timeout)
+
+    def on_url(self, url: bytes):
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes):
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > _MAX_HEADERS:
+            raise _Reject(431, "more than %d request header fields" % (_MAX_HEADERS,))
+
+    def on_headers_complete(self):
+        self._in_head = False
+        ctx = self.ctx
+        parser = self._parser
+        ex = Exchange(self)
+        ex.method = method = parser.get_method()
+        if parser.should_upgrade():
+            # WebSocket and CONNECT tunnels are a later feature; refuse them
+            # rather than forward a request half-understood.
+            if method == b"CONNECT":
+                raise _Reject(405, "CONNECT is not supported")
+            raise _Reject(501, "protocol upgrade is not supported")
+        ex.http11 = parser.get_http_version() == "1.1"
+        ex.keep_alive = parser.should_keep_alive() and not self.draining
+        ex.started = ctx.reactor.seconds()
+        head_size = len(self._url)
+        host = None
+        length = None
+        te = None
+        conn_values = None
+        for name, value in self._headers:
+            head_size += len(name) + len(value) + 4
+            if len(name) > 17:
+                continue
+            lname = name.lower()
+            if lname == b"host":
+                if host is not None:
+                    raise _Reject(400, "more than one Host header")
+                host = value
+            elif lname == b"content-length":
+                length = value
+            elif lname == b"transfer-encoding":
+                te = value if te is None else te + b", " + value
+            elif lname == b"connection":
+                conn_values = [value] if conn_values is None else conn_values + [value]
+            elif lname == b"expect":
+                if value.lower() != b"100-continue":
+                    raise _Reject(417, "unsupported Expect: %r" % (value,))
+                ex.expect_continue = True
+        if head_size > ctx.max_header_bytes:
+            raise _Reject(431, "request head larger than max_header_bytes")
+        ex.headers = self._headers
+        ex.connection_tokens = message.connection_tokens(conn_values) if conn_values else None
+        self._set_target(ex, method, host)
+        if te is not None:
+            # llhttp already refuses Transfer-Encoding with Content-Length
+            # and a final coding other than chunked.
+            if not ex.http11:
+                raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+            ex.chunked_in = True
+            ex.te_value = te
+        elif length is not None:
+            ex.content_length = int(length)
+            if ex.content_length > ctx.max_body_bytes:
+                raise _Reject(413, "Content-Length above max_body_bytes")
+        self._receiving = ex
+        if self._active is None:
+            self._active = ex
+            self._start_pending = ex
+        else:
+            if self._queue is None:
+                self._queue = deque()
+            self._queue.append(ex)
+            self.pause_reading()
+            self._paused = True
+
+    def on_body(self, body: bytes):
+        ex = self._receiving
+        if ex.chunked_in and ex.body_received + len(body) > self.ctx.max_body_bytes:
+            raise _Reject(413, "chunked request body above max_body_bytes")
+        ex.request_body(body)
+
+    def on_message_complete(self):
+        ex = self._receiving
+        self._receiving = None
+        if not ex.keep_alive:
+            # Nothing after this request will be read.
+            self._closing = True
+        if ex is self._start_pending:
+            ex.request_done = True
+        else:
+            ex.request_complete()
+
+    # -- request checks ------------------------------------------------------------
+
+    def _set_target(self, ex: Exchange, method: bytes, host) -> None:
+        url = self._url
+        if url[:1] == b"/":
+            ex.target = url
+        elif url == b"*":
+            if method != b"OPTIONS":
+                raise _Reject(400, "asterisk-form target with %s" % (method.decode(),))
+            ex.target = url
+        else:
+            split = message.split_absolute(url)
+            if split is None:
+                raise _Reject(400, "invalid request target")
+            # RFC 9112 3.2.2: the target's authority replaces Host.
+            authority, ex.target = split
+            host = authority
+            ex.headers = [(n, v) for n, v in ex.headers if n.lower() != b"host"]
+            ex.headers.append((b"Host", authority))
+        if host is None:
+            if ex.http11:
+                raise _Reject(400, "missing Host header")
+            host = b""
+        elif not message.valid_host(host):
+            raise _Reject(400, "invalid Host header")
+        ex.host = host
+        query = ex.target.find(b"?")
+        ex.path = ex.target if query < 0 else ex.target[:query]
+
+    def _reject(self, status: int, reason: str) -> None:
+        """Refuse the request being parsed, and close once earlier ones end."""
+        self._closing = True
+        self._start_pending = None
+        ex = self._receiving
+        self._receiving = None
+        self._queue = None
+        self.pause_reading()
+        if ex is not None and ex is self._active:
+            # Refused while it is already being proxied (a body over the
+            # limit): cut the upstream side and answer if we still can.
+            if ex.response_started:
+                self.abort()
+            else:
+                ex.fail(status, reason)
+            return
+        if self._active is not None:
+            self._pending_reject = (status, reason)
+            return
+        self._send_reject(status, reason)
+
+    def _send_reject(self, status: int, reason: str) -> None:
+        ex = Exchange(self)
+        ex.status = status
+        ex.reason = reason
+        ex.response_started = ex.response_done = True
+        ex.started = self.ctx.reactor.seconds()
+        self.write(local_response(status, ERROR_BODIES.get(status, b"Error\n"), True))
+        self.ctx.request_done(self, ex)
+        self.flush()
+        self.transport.loseConnection()
+
+    # -- exchanges -----------------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange) -> None:
+        """C{ex} is answered and its request fully read: go on to the next."""
+        if ex is not self._active:
+            return
+        self._active = None
+        self.ctx.request_done(self, ex)
+        if self._pending_reject is not None:
+            self._send_reject(*self._pending_reject)
+            return
+        if ex.close_after or not ex.keep_alive or self.draining:
+            self._closing = True
+            self.flush()
+            self.transport.loseConnection()
+            return
+        queue = self._queue
+        if queue:
+            nxt = self._active = queue.popleft()
+            if not queue:
+                self.resume_reading()
+            nxt.start()
+            return
+        self._set_timer(_TIMER_IDLE, self.ctx.idle_timeout)
+        self.resume_reading()
+
+    def drain(self) -> None:
+        """Finish the current exchange, then close; close now if idle."""
+        self.draining = True
+        if self._active is None and not self._in_head:
+            self._closing = True
+            self.transport.loseConnection()
+
+    # -- one timer per connection ----------------------------------------------
+
+    def _set_timer(self, kind: int, delay: float) -> None:
+        """Make the connection's deadline C{delay} seconds from now."""
+        self._timer_kind = kind
+        self.arm(self.ctx.reactor.seconds() + delay)
+
+    def arm(self, deadline: float) -> None:
+        """
+        Make sure the timer fires by C{deadline}.  A deadline that moves
+        later costs nothing: the timer re-arms itself when it fires early,
+        so there is about one reactor call per connection, not per request.
+        """
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._timer = self.ctx.reactor.callLater(
+                deadline - self.ctx.reactor.seconds(), self._on_timer
+            )
+        elif timer.getTime() > deadline:
+            timer.reset(deadline - self.ctx.reactor.seconds())
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.gone:
+            return
+        now = self.ctx.reactor.seconds()
+        ex = self._active
+        deadline = ex.deadline if ex is not None and ex.deadline else self._deadline
+        if deadline > now:
+            self._timer = self.ctx.reactor.callLater(deadline - now, self._on_timer)
+            return
+        if ex is not None:
+            if ex.response_done:
+                return
+            ex.timed_out()
+            self.flush()
+        elif self._in_head or (self._timer_kind == _TIMER_HEAD and self.bytes_in):
+            self._reject(408, "request head not received within the handshake timeout")
+        else:
+            # Idle keep-alive (or never a byte): close quietly.
+            self._closing = True
+            self.transport.loseConnection()

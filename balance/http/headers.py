@@ -1,0 +1,150 @@
+"""
+Rewriting heads on their way through the proxy (RFC 9110 7.6, RFC 9112):
+hop-by-hop fields and those named in C{Connection} are dropped, the
+forwarding fields (C{X-Forwarded-*}, C{Forwarded}, C{Via}) are set, the
+route's header edits applied, and the body framing chosen.
+"""
+
+from __future__ import annotations
+
+from balance.http.message import HOP_BY_HOP, NO_BODY_STATUS, connection_tokens, reason
+
+# Request fields Balance writes itself (or must not forward): one set lookup
+# per header sorts the common ones from these.
+_REQUEST_SPECIAL = HOP_BY_HOP | {
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"forwarded",
+    b"via",
+    b"expect",
+}
+_RESPONSE_SPECIAL = HOP_BY_HOP | {b"via", b"content-length"}
+_VIA = b"1.1 balance"
+
+
+def forwarded_for(client_ip: bytes) -> bytes:
+    """The C{for=} value of C{Forwarded} (RFC 7239): IPv6 quoted in brackets."""
+    if b":" in client_ip:
+        return b'"[%s]"' % client_ip
+    return client_ip
+
+
+def request_head(ex, client_ip: bytes, proto: bytes) -> bytes:
+    """
+    The head Balance sends upstream for the request of C{ex}.
+
+    :param ex: the L{balance.http.proxy.Exchange}, already routed.
+    :param client_ip: the downstream peer's address, for C{X-Forwarded-For}.
+    :param proto: C{b"http"} or C{b"https"}.
+    """
+    route = ex.route
+    remove = route.request_remove
+    setters = route.request_set
+    tokens = ex.connection_tokens
+    target = ex.target
+    if route.rewrite is not None:
+        target = route.rewrite(target)
+    parts = [b"%s %s HTTP/1.1\r\n" % (ex.method, target)]
+    append = parts.append
+    xff = forwarded = via = None
+    for name, value in ex.headers:
+        lname = name.lower()
+        if lname in _REQUEST_SPECIAL:
+            if lname == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+            elif lname == b"forwarded":
+                forwarded = value if forwarded is None else forwarded + b", " + value
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
+            continue
+        if (tokens and lname in tokens) or (remove and lname in remove):
+            continue
+        if setters and lname in route.request_set_names:
+            continue
+        append(name + b": " + value + b"\r\n")
+    append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip) + b"\r\n")
+    append(b"X-Forwarded-Proto: " + proto + b"\r\n")
+    host = ex.host
+    element = b"for=" + forwarded_for(client_ip)
+    if host:
+        append(b"X-Forwarded-Host: " + host + b"\r\n")
+        element += b';host="' + host + b'"'
+    element += b";proto=" + proto
+    append(b"Forwarded: " + (forwarded + b", " + element if forwarded else element) + b"\r\n")
+    append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
+    if ex.chunked_in:
+        append(b"Transfer-Encoding: " + ex.te_value + b"\r\n")
+    for name, value in setters:
+        append(name + b": " + value + b"\r\n")
+    append(b"\r\n")
+    return b"".join(parts)
+
+
+def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> bytes:
+    """
+    The head Balance sends downstream for a backend's response, choosing
+    the framing of the body on the way.
+
+    Sets on C{ex}: C{chunked_out} (re-chunk the body for the client),
+    C{until_close} (the backend ends the body by closing) and
+    C{close_after} (the client connection must close after this response).
+    """
+    route = ex.route
+    remove = route.response_remove
+    setters = route.response_set
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, phrase or reason(status))]
+    append = parts.append
+    conn_values = None
+    via = None
+    length = None
+    chunked = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_SPECIAL:
+            if lname == b"content-length":
+                length = value
+            elif lname == b"connection":
+                conn_values = [value] if conn_values is None else conn_values + [value]
+            elif lname == b"transfer-encoding":
+                chunked = value.rstrip().lower().endswith(b"chunked")
+                length = None
+                ex.until_close = not chunked
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
+            continue
+        if (remove and lname in remove) or (setters and lname in route.response_set_names):
+            continue
+        append(name + b": " + value + b"\r\n")
+    if conn_values is not None:
+        # Fields named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+        tokens = connection_tokens(conn_values)
+        if tokens:
+            parts[1:] = [p for p in parts[1:] if p.split(b":", 1)[0].lower() not in tokens]
+            append = parts.append
+    if ex.method == b"HEAD" or status in NO_BODY_STATUS:
+        if length is not None:
+            append(b"Content-Length: " + length + b"\r\n")
+        ex.until_close = False
+    elif length is not None:
+        append(b"Content-Length: " + length + b"\r\n")
+    else:
+        # Chunked from the backend, or delimited by its closing: re-chunk for
+        # an HTTP/1.1 client; an HTTP/1.0 client reads until we close.
+        ex.until_close = not chunked
+        if ex.http11:
+            ex.chunked_out = True
+            append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            ex.close_after = True
+    append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
+    for name, value in setters:
+        append(name + b": " + value + b"\r\n")
+    if ex.close_after or not ex.keep_alive or draining:
+        ex.close_after = True
+        append(b"Connection: close\r\n\r\n")
+    elif not ex.http11:
+        append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        append(b"\r\n")
+    return b"".join(parts)

@@ -1,0 +1,124 @@
+"""
+An HTTP listener: the factory of downstream connections and the context
+they share (router, clusters, pools, limits, access log), built once per
+config.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from balance.config import model
+from balance.http import headers
+from balance.http.h1 import DownstreamConnection
+from balance.http.router import Router
+
+# When a route gives no timeout, a backend has this long to answer.
+DEFAULT_ROUTE_TIMEOUT = 60.0
+
+
+class HTTPContext:
+    """
+    What every connection of one HTTP listener needs, computed once.
+
+    :ivar clusters: runtime clusters by name.
+    :ivar pools: the shared L{balance.http.pool.PoolSet}.
+    :ivar access_log: an L{balance.observe.accesslog.AccessLog} or L{None}.
+    """
+
+    def __init__(self, listener: model.Listener, clusters, pools, reactor, access_log=None):
+        self.listener = listener
+        self.name = listener.name
+        self.reactor = reactor
+        self.clusters = clusters
+        self.pools = pools
+        self.router = Router(listener.routes, default_cluster=listener.cluster)
+        self.max_header_bytes = listener.limits.max_header_bytes
+        self.max_body_bytes = listener.limits.max_body_bytes
+        self.handshake_timeout = listener.timeouts.handshake
+        self.idle_timeout = listener.timeouts.idle
+        self.default_timeout = DEFAULT_ROUTE_TIMEOUT
+        self.proto = b"https" if listener.tls is not None else b"http"
+        self.access_log = access_log
+        self.connections: set[DownstreamConnection] = set()
+        self.draining = False
+        self._drained: list[Deferred] = []
+
+    # -- head builders, bound to this listener --------------------------------------
+
+    def request_head(self, ex) -> bytes:
+        """The request head for the backend; see L{headers.request_head}."""
+        return headers.request_head(ex, ex.downstream.client_ip, self.proto)
+
+    def response_head(self, ex, status: int, phrase: bytes, response_headers) -> bytes:
+        """The response head for the client; see L{headers.response_head}."""
+        return headers.response_head(ex, status, phrase, response_headers, self.draining)
+
+    # -- connection bookkeeping -------------------------------------------------------
+
+    def connection_made(self, conn: DownstreamConnection) -> None:
+        self.connections.add(conn)
+        if self.draining:
+            conn.drain()
+
+    def connection_lost(self, conn: DownstreamConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._drained:
+            waiting, self._drained = self._drained, []
+            for d in waiting:
+                d.callback(None)
+
+    def request_done(self, conn: DownstreamConnection, ex) -> None:
+        """An exchange ended: write its access log line."""
+        if self.access_log is not None:
+            self.access_log.write(self, conn, ex)
+
+
+class HTTPFactory(ServerFactory):
+    """
+    The factory of an HTTP listener.
+
+    Beyond C{limits.max_connections}, new connections are closed as soon as
+    they are accepted.
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, context: HTTPContext):
+        self.context = context
+        self.max_connections = context.listener.limits.max_connections
+
+    def buildProtocol(self, addr):
+        if len(self.context.connections) >= self.max_connections:
+            return None
+        return DownstreamConnection(self.context)
+
+    def active(self) -> int:
+        """The number of open client connections."""
+        return len(self.context.connections)
+
+    def drain(self) -> Deferred:
+        """
+        Close idle connections now, and the others after their current
+        response (which says C{Connection: close}).
+
+        :return: a Deferred firing when no connection is left.
+        """
+        ctx = self.context
+        ctx.draining = True
+        d = Deferred()
+        if not ctx.connections:
+            d.callback(None)
+            return d
+        ctx._drained.append(d)
+        for conn in list(ctx.connections):
+            conn.drain()
+        return d
+
+    def abortAll(self) -> None:
+        """Cut every connection still open (the drain timeout passed)."""
+        for conn in list(self.context.connections):
+            conn.transport.abortConnection()

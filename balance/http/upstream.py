@@ -1,0 +1,251 @@
+"""
+The upstream side of the HTTP/1.1 proxy: one keep-alive connection to a
+backend, carrying one exchange at a time, parsing responses with httptools.
+
+The connection knows nothing of routing or clients: it hands what it parses
+to the L{balance.http.proxy.Exchange} attached to it and tells its pool when
+it is free again.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import httptools
+from twisted.internet.protocol import Protocol
+
+from balance import _io
+
+_HEAD_END = b"\r\n\r\n"
+_MAX_HEAD = 64 * 1024
+
+
+class UpstreamConnection(Protocol):
+    """
+    A connection to a backend.
+
+    :ivar exchange: the exchange using this connection, or L{None} while idle.
+    :ivar reused: whether this connection already carried an exchange (a
+        failure before any response byte may then be the backend having
+        closed it while idle, which is worth one retry on a fresh one).
+    :ivar idle_since: when it was last returned to its pool.
+    """
+
+    __slots__ = (
+        "pool",
+        "exchange",
+        "reused",
+        "idle_since",
+        "_parser",
+        "_direct",
+        "_status",
+        "_reason",
+        "_headers",
+        "_keep_alive",
+        "_response_bytes",
+        "_skip",
+        "_head_only",
+        "_head_buffer",
+        "_closed",
+        "_wbuf",
+    )
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.exchange = None
+        self.reused = False
+        self.idle_since = 0.0
+        self._parser = None
+        self._direct = False
+        self._closed = False
+        self._wbuf = []
+        self._reset()
+
+    def _reset(self):
+        self._status = 0
+        self._reason = b""
+        self._headers = []
+        self._keep_alive = False
+        self._response_bytes = 0
+        self._skip = False
+        self._head_only = False
+        self._head_buffer = b""
+
+    # -- Protocol ----------------------------------------------------------
+
+    def connectionMade(self):
+        self._direct = _io.can_send_directly(self.transport)
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
+        self._parser = httptools.HttpResponseParser(self)
+
+    def dataReceived(self, data: bytes):
+        exchange = self.exchange
+        if exchange is None:
+            # A backend must not speak unasked; whatever it is, this
+            # connection can no longer be trusted to frame a response.
+            self.close()
+            return
+        self._response_bytes += len(data)
+        try:
+            if self._head_only:
+                self._feed_head_only(data)
+            else:
+                self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self.exchange = None
+            self.close()
+            exchange.upstream_failed(self, "malformed response: %s" % (e,), 502)
+        exchange.downstream.flush()
+
+    def connectionLost(self, reason):
+        self._closed = True
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            if (
+                self._status
+                and not self._skip
+                and exchange.response_started
+                and exchange.until_close
+            ):
+                # The response had no length: the end of the connection is
+                # the end of the body.
+                exchange.response_complete(self, False)
+            else:
+                exchange.upstream_failed(self, describe_failure(reason), 502)
+            exchange.downstream.flush()
+        else:
+            self.pool.discard(self)
+
+    # -- used by the exchange ---------------------------------------------
+
+    def usable(self) -> bool:
+        """Whether the connection is open and free for a new exchange."""
+        return not self._closed and self.exchange is None and not self.transport.disconnecting
+
+    def attach(self, exchange, head_only: bool) -> None:
+        """
+        Start carrying C{exchange}.
+
+        :param head_only: the request is a HEAD, so the response has no body
+            whatever its headers say.
+        """
+        self.exchange = exchange
+        self._reset()
+        self._head_only = head_only
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the backend; L{flush} sends them."""
+        self._wbuf.append(data)
+
+    def flush(self) -> None:
+        """Send what L{write} queued, in one system call when possible."""
+        wbuf = self._wbuf
+        if not wbuf:
+            return
+        data = wbuf[0] if len(wbuf) == 1 else b"".join(wbuf)
+        wbuf.clear()
+        if self._direct:
+            _io.send(self.transport, data)
+        else:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close the connection (it will not be reused)."""
+        self._closed = True
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a half-sent request)."""
+        self._closed = True
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    # -- httptools callbacks -----------------------------------------------
+
+    def on_status(self, status: bytes):
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes):
+        self._headers.append((name, value))
+
+    def on_headers_complete(self):
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # Interim responses (100 Continue, 103 Early Hints) are not
+            # relayed: Balance answered the client's Expect itself.
+            self._skip = True
+            self._headers = []
+            self._reason = b""
+            return
+        self._skip = False
+        self._status = status
+        self._keep_alive = self._parser.should_keep_alive()
+        self.exchange.response_head(self, status, self._reason, self._headers)
+
+    def on_body(self, body: bytes):
+        self.exchange.response_body(body)
+
+    def on_message_complete(self):
+        if self._skip:
+            self._skip = False
+            return
+        if self._head_only:
+            # Completed by _feed_head_only, which knows where the head ends.
+            return
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.response_complete(self, self._keep_alive)
+
+    # -- HEAD --------------------------------------------------------------
+
+    def _feed_head_only(self, data: bytes):
+        """
+        Parse the response to a HEAD request.  httptools cannot be told that
+        such a response has no body, so the head is cut out here and fed to
+        a parser of its own, and the connection's parser starts afresh.
+        """
+        buffer = self._head_buffer + data
+        while True:
+            end = buffer.find(_HEAD_END)
+            if end < 0:
+                if len(buffer) > _MAX_HEAD:
+                    raise httptools.HttpParserError("response head too long")
+                self._head_buffer = buffer
+                return
+            head, buffer = buffer[: end + 4], buffer[end + 4 :]
+            self._parser = httptools.HttpResponseParser(self)
+            self._parser.feed_data(head)
+            if self._status:
+                break
+            # That was an interim 1xx response: look for the final one.
+        self._head_buffer = b""
+        self._parser = httptools.HttpResponseParser(self)
+        if buffer:
+            raise httptools.HttpParserError("data after the response to HEAD")
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.response_complete(self, self._keep_alive)
+
+
+def describe_failure(reason) -> str:
+    """A short reason for an upstream connection's loss, for the access log."""
+    value = getattr(reason, "value", reason)
+    name = type(value).__name__
+    if "Refused" in name:
+        return "connection refused"
+    if "Timeout" in name or "TimedOut" in name:
+        return "connect timeout"
+    if "Done" in name:
+        return "connection closed by backend"
+    if "Lost" in name:
+        return "connection reset by backend"
+    if isinstance(value, socket.gaierror) or "DNS" in name:
+        return "backend name did not resolve"
+    return str(value) or name

@@ -1,0 +1,394 @@
+# -*- test-case-name: tests.l4.test_relay,tests.l4.test_integration -*-
+"""
+The L4 TCP proxy: accept a client, connect to a backend of the listener's
+cluster (next backend on failure), then relay bytes both ways until both
+sides are done.
+
+Flow control is Twisted's producer/consumer, wired as in
+C{twisted.protocols.portforward}: each transport is the streaming producer of
+the other, so when one side reads slower than the other writes, its
+transport's buffer passes C{bufferSize} and Twisted stops reading the other
+side.  The proxy therefore holds about two socket reads per direction, never
+more, and buffers nothing itself.
+
+Half-closes are passed on: when one side shuts down its write half, the other
+side's write half is shut down after what is buffered, while bytes keep
+flowing the other way.  When both have finished, or either goes away, both
+are closed.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
+from twisted.internet.protocol import Factory, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from balance.cluster.cluster import Cluster, NoBackendAvailable
+from balance.config import model
+from balance.interfaces import IDrainable
+
+
+class _State(enum.Enum):
+    """Where a proxied connection is in its life."""
+
+    #: The client is paused while a backend is being connected.
+    CONNECTING = "connecting"
+    #: Bytes flow both ways.
+    OPEN = "open"
+    #: The client shut down its write half; the backend's write half is shut
+    #: down too (after what is buffered); the backend may still answer.
+    DOWNSTREAM_DONE = "downstream done"
+    #: The mirror image: the backend finished sending; the client may still
+    #: send.
+    UPSTREAM_DONE = "upstream done"
+    #: Both sides are being closed; waiting for their connectionLost.
+    CLOSING = "closing"
+    #: Both sides are gone and the factory no longer counts the connection.
+    CLOSED = "closed"
+
+
+# The states in which each transport still has the other registered as its
+# producer.  Unregistering matters: a transport that still has a producer
+# after loseConnection() resumes the (dead) producer instead of closing once
+# its buffer is empty, and a transport at EOF that is resumed as a producer
+# reports EOF a second time.
+_DOWNSTREAM_HAS_PRODUCER = frozenset({_State.OPEN, _State.DOWNSTREAM_DONE})
+_UPSTREAM_HAS_PRODUCER = frozenset({_State.OPEN, _State.UPSTREAM_DONE})
+
+
+def _describe_peer(transport) -> str:
+    peer = transport.getPeer()
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if host is None:
+        return str(peer)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@implementer(IProtocol, IHalfCloseableProtocol)
+class L4ProxyProtocol:
+    """
+    The client side of one proxied connection, and the owner of its state:
+    the upstream transport, the state, the idle timer.
+
+    Not a subclass of L{twisted.internet.protocol.Protocol}, so that
+    C{__slots__} really leaves out the per-instance C{__dict__}: this object
+    lives as long as the connection.
+    """
+
+    __slots__ = (
+        "transport",
+        "_factory",
+        "_state",
+        "_up",
+        "_backend",
+        "_pending",
+        "_last",
+        "_idle_call",
+        "_downstream_lost",
+    )
+
+    def __init__(self, factory: L4ProxyFactory):
+        self.transport = None
+        self._factory = factory
+        self._state = _State.CONNECTING
+        self._up = None
+        self._backend = None
+        self._pending: Deferred | None = None
+        self._last = 0.0
+        self._idle_call = None
+        self._downstream_lost = False
+
+    # IProtocol, for the client connection.
+
+    def makeConnection(self, transport) -> None:
+        """Attach to the client transport; see L{IProtocol.makeConnection}."""
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        """
+        Stop reading from the client, and connect to a backend.
+        """
+        # Don't read anything from the client until there is somewhere to
+        # send it.
+        self.transport.pauseProducing()
+        factory = self._factory
+        factory._opened(self)
+        self._last = factory._seconds()
+        if factory._idle > 0:
+            self._idle_call = factory._reactor.callLater(factory._idle, self._idle_check)
+        pending = factory.cluster.connect(
+            factory._upstream_factory, log_context=factory._log_context
+        )
+        self._pending = pending
+        pending.addCallbacks(self._upstream_connected, self._upstream_failed)
+        pending.addErrback(self._unexpected)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Pass bytes from the client to the backend."""
+        self._last = self._factory._seconds()
+        self._up.write(data)
+
+    def readConnectionLost(self) -> None:
+        """
+        The client shut down its write half: pass the EOF on to the backend,
+        after what is buffered for it, and keep relaying its answer.
+        """
+        state = self._state
+        if state is _State.OPEN:
+            self._state = _State.DOWNSTREAM_DONE
+            up = self._up
+            up.unregisterProducer()
+            up.loseWriteConnection()
+        elif state is _State.UPSTREAM_DONE:
+            self._close()
+
+    def writeConnectionLost(self) -> None:
+        """Our EOF reached the client; nothing to do."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The client is gone: close the backend after what is buffered."""
+        self._downstream_lost = True
+        self._close()
+        if self._up is None:
+            self._finish()
+
+    # The backend side, called by _UpstreamProtocol.
+
+    def _upstream_connected(self, result) -> None:
+        backend, upstream = result
+        self._pending = None
+        self._backend = backend
+        upstream._session = self
+        down = self.transport
+        up = self._up = upstream.transport
+        # Wire this and the peer transport together for flow control: a side
+        # that reads slowly stops reads on the other side instead of filling
+        # this proxy's memory.
+        down.registerProducer(up, True)
+        up.registerProducer(down, True)
+        self._state = _State.OPEN
+        self._last = self._factory._seconds()
+        down.resumeProducing()
+
+    def _upstream_failed(self, reason: Failure) -> None:
+        self._pending = None
+        if reason.check(CancelledError):
+            # We cancelled it: the client went away or timed out.
+            return
+        factory = self._factory
+        if reason.check(NoBackendAvailable):
+            factory.log.warn(
+                "closing connection from {client} on listener {listener}: {reason}",
+                client=_describe_peer(self.transport),
+                listener=factory.listener.name,
+                reason=reason.value,
+            )
+        else:
+            factory.log.failure(
+                "connecting upstream for listener {listener} failed unexpectedly",
+                reason,
+                listener=factory.listener.name,
+            )
+        self._close()
+
+    def _upstream_data(self, data: bytes) -> None:
+        self._last = self._factory._seconds()
+        self.transport.write(data)
+
+    def _upstream_eof(self) -> None:
+        state = self._state
+        if state is _State.OPEN:
+            self._state = _State.UPSTREAM_DONE
+            down = self.transport
+            down.unregisterProducer()
+            down.loseWriteConnection()
+        elif state is _State.DOWNSTREAM_DONE:
+            self._close()
+
+    def _upstream_lost(self) -> None:
+        self._up = None
+        self._factory.cluster.release(self._backend)
+        self._close()
+        if self._downstream_lost:
+            self._finish()
+
+    # Closing.
+
+    def abort(self) -> None:
+        """Drop both sides now, with whatever they still had buffered."""
+        self._close(abort=True)
+
+    def _idle_check(self) -> None:
+        # Activity only records a timestamp; the timer is re-armed here, at
+        # most once per idle period, instead of being reset for every chunk.
+        factory = self._factory
+        remaining = self._last + factory._idle - factory._seconds()
+        if remaining > 0:
+            self._idle_call = factory._reactor.callLater(remaining, self._idle_check)
+        else:
+            self._idle_call = None
+            self._close(abort=True)
+
+    def _close(self, abort: bool = False) -> None:
+        """
+        Close both sides: gracefully (after flushing) unless C{abort}.  Safe
+        to call again, and re-entrant: loseConnection() on a half-closed
+        transport calls connectionLost() at once.
+        """
+        state = self._state
+        if state is _State.CLOSED or (state is _State.CLOSING and not abort):
+            return
+        self._state = _State.CLOSING
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.cancel()
+        down, up = self.transport, self._up
+        if state in _DOWNSTREAM_HAS_PRODUCER:
+            down.unregisterProducer()
+        if up is not None and state in _UPSTREAM_HAS_PRODUCER:
+            up.unregisterProducer()
+        if abort:
+            down.abortConnection()
+            if up is not None:
+                up.abortConnection()
+        else:
+            down.loseConnection()
+            if up is not None:
+                up.loseConnection()
+
+    def _finish(self) -> None:
+        if self._state is _State.CLOSED:
+            return
+        # The idle timer stays armed until here so that a graceful close
+        # stuck on a peer that never reads is aborted in the end.
+        self._state = _State.CLOSED
+        if self._idle_call is not None:
+            if self._idle_call.active():
+                self._idle_call.cancel()
+            self._idle_call = None
+        self._factory._closed(self)
+
+    def _unexpected(self, reason: Failure) -> None:
+        self._factory.log.failure(
+            "L4 proxy connection on listener {listener} failed",
+            reason,
+            listener=self._factory.listener.name,
+        )
+        self._close(abort=True)
+
+
+@implementer(IProtocol, IHalfCloseableProtocol)
+class _UpstreamProtocol:
+    """
+    The backend side of a proxied connection: hands everything to the
+    L{L4ProxyProtocol} that owns it.
+    """
+
+    __slots__ = ("transport", "_session")
+
+    def __init__(self):
+        self.transport = None
+        self._session: L4ProxyProtocol | None = None
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        # The session attaches itself synchronously, from the callback of
+        # the connect Deferred, before any byte can arrive.
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        self._session._upstream_data(data)
+
+    def readConnectionLost(self) -> None:
+        self._session._upstream_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session._upstream_lost()
+
+
+class _UpstreamFactory(Factory):
+    """Builds L{_UpstreamProtocol}s; one per L{L4ProxyFactory}."""
+
+    # Endpoints call doStart/doStop per connection: no log line for each.
+    noisy = False
+
+    def buildProtocol(self, addr) -> _UpstreamProtocol:
+        return _UpstreamProtocol()
+
+
+@implementer(IDrainable)
+class L4ProxyFactory(ServerFactory):
+    """
+    Accepts the client connections of one C{protocol: tcp} listener and
+    proxies each to a backend of its cluster.
+
+    @ivar listener: The listener config (its name and idle timeout are used).
+    @ivar cluster: The L{Cluster} connections go to.
+    """
+
+    log = Logger()
+
+    def __init__(self, listener: model.Listener, cluster: Cluster, reactor):
+        """
+        @param listener: The validated listener config.
+        @param cluster: Where connections go.
+        @param reactor: Provides the time and the timers (L{IReactorTime}).
+        """
+        self.listener = listener
+        self.cluster = cluster
+        self._reactor = reactor
+        self._seconds = reactor.seconds
+        self._idle = listener.timeouts.idle
+        self._sessions: set[L4ProxyProtocol] = set()
+        self._drain_waiters: list[Deferred] = []
+        self._upstream_factory = _UpstreamFactory()
+        self._log_context = {"listener": listener.name}
+
+    def buildProtocol(self, addr) -> L4ProxyProtocol:
+        """Make the protocol of one client connection."""
+        return L4ProxyProtocol(self)
+
+    @property
+    def active(self) -> int:
+        """The number of client connections open (or still closing)."""
+        return len(self._sessions)
+
+    def drain(self) -> Deferred:
+        """
+        @return: A L{Deferred} that fires with L{None} once no connection is
+            open: at once when none is.  Cancelling it only stops waiting.
+        """
+        if not self._sessions:
+            return succeed(None)
+        d = Deferred(self._drain_waiters.remove)
+        self._drain_waiters.append(d)
+        return d
+
+    def abort_all(self) -> None:
+        """Abort every connection, both sides, dropping buffered data."""
+        for session in list(self._sessions):
+            session.abort()
+
+    def _opened(self, session: L4ProxyProtocol) -> None:
+        self._sessions.add(session)
+
+    def _closed(self, session: L4ProxyProtocol) -> None:
+        self._sessions.discard(session)
+        if not self._sessions and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)

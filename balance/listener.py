@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.test_listener -*-
+"""
+A listening socket as a service: listen on a Twisted endpoint string, and on
+stop, stop accepting and drain the connections in flight.
+"""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+
+
+class ListenerService(StreamServerEndpointService):
+    """
+    Listen on C{description} with C{factory} while running.
+
+    Starting it binds at once, and a bind failure raises from
+    C{privilegedStartService}/C{startService}, so that C{twistd} stops at
+    startup instead of running without the port (as
+    L{twisted.application.strports.service} does).
+
+    Stopping it closes the listening port first, so new connections are
+    refused, then waits for the factory's connections to finish
+    (C{factory.drain()}, see L{balance.interfaces.IDrainable}) for at most
+    C{drain_timeout} seconds, after which it aborts them
+    (C{factory.abort_all()}).  A factory without C{drain} is not waited for.
+
+    @ivar port: The L{IListeningPort} once listening, else L{None}; for
+        example C{service.port.getHost().port} after listening on
+        C{"tcp:0"}.
+    """
+
+    log = Logger()
+
+    def __init__(self, description: str, factory, reactor, drain_timeout: float):
+        """
+        @param description: A Twisted server endpoint string (C{tcp:},
+            C{tcp6:}, C{unix:}, C{systemd:}, ...), already validated.
+        @param factory: The server factory of accepted connections.
+        @param reactor: The reactor to listen with and to time the drain.
+        @param drain_timeout: Seconds in-flight connections may take to
+            finish on stop.
+
+        @raise ValueError: If C{description} is not a valid endpoint string.
+        """
+        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        self._raiseSynchronously = True
+        self.description = description
+        self.port = None
+        self._reactor = reactor
+        self._drain_timeout = drain_timeout
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind the port.
+
+        @raise Exception: Whatever the endpoint raised, typically
+            L{twisted.internet.error.CannotListenError}.
+        """
+        super().privilegedStartService()
+        # On a bind error the Deferred has already failed and been handled by
+        # the call above (which raised); here it only ever holds the port.
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        self.port = port
+        return port
+
+    def stopService(self) -> Deferred:
+        """
+        Stop accepting, then drain.
+
+        @return: A L{Deferred} that fires when every connection has finished,
+            or has been aborted after the drain timeout.
+        """
+        if self._waitingForPort is None:
+            # Never started: nothing listens and nothing is in flight.
+            self.running = False
+            return succeed(None)
+        d = super().stopService()
+        d.addCallback(lambda _: self._drain())
+        d.addErrback(self._failed)
+        return d
+
+    def _drain(self) -> Deferred:
+        drain = getattr(self.factory, "drain", None)
+        if drain is None:
+            return succeed(None)
+        drained = maybeDeferred(drain)
+        if not drained.called:
+            drained.addTimeout(self._drain_timeout, self._reactor, onTimeoutCancel=self._abort)
+        return drained
+
+    def _abort(self, result, timeout: float) -> Deferred:
+        count = getattr(self.factory, "active", "its")
+        if callable(count):
+            count = count()
+        self.log.warn(
+            "listener {description} did not drain within {timeout}s; aborting {count} connections",
+            description=self.description,
+            timeout=timeout,
+            count=count,
+        )
+        self.factory.abort_all()
+        # Aborted connections go away on the next reactor turn; wait for
+        # that so that a stopped service has nothing left open.
+        return self.factory.drain()
+
+    def _failed(self, reason) -> None:
+        self.log.failure(
+            "stopping listener {description} failed", reason, description=self.description
+        )

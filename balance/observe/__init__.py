@@ -1,0 +1,1 @@
+"""Observability: access logs (metrics and tracing come later)."""
