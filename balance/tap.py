@@ -4,6 +4,7 @@ The twistd plugin's options and service maker: C{twistd balance --config FILE}.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from twisted.python import usage
@@ -50,10 +51,33 @@ class Options(usage.Options):
             sys.exit(0)
 
 
+def _install_signal_handlers(reactor) -> None:
+    """
+    Make SIGTERM and SIGINT a graceful stop that exits 0.
+
+    twistd's own handlers stop the reactor too, but then re-raise the
+    signal at exit, so the process status says "killed by SIGTERM" even
+    after a clean drain; service managers and CONFIG.md expect 0.
+    """
+
+    def stop(signum, frame):
+        reactor.callFromThread(_stop, reactor)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def _stop(reactor) -> None:
+    if reactor.running:
+        reactor.stop()
+
+
 def makeService(options: Options):
     """Build the service tree of a validated config on the global reactor."""
     from twisted.internet import reactor
 
     from balance.service import build
 
+    # After the reactor's own handlers, which it installs when it starts.
+    reactor.callWhenRunning(_install_signal_handlers, reactor)
     return build(options.model, reactor)
