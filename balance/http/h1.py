@@ -14,7 +14,9 @@ import socket
 from collections import deque
 
 import httptools
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
 from balance import _io
 from balance.http import message
@@ -39,13 +41,22 @@ _TIMER_HEAD = 1  # waiting for (the rest of) a request head
 _TIMER_IDLE = 2  # keep-alive, between requests
 
 
+@implementer(IPushProducer)
 class DownstreamConnection(Protocol):
     """
     One client connection to an HTTP listener.
 
+    It is also the producer of a request body streamed to a backend: the
+    upstream connection's transport pauses it while the backend is not
+    reading.  Reading from the client is paused for two independent
+    reasons, each undone on its own: this connection's (a request waiting
+    for a backend connection, or for its turn) and the backend's.
+
     :ivar ctx: the listener's L{balance.http.listener.HTTPContext}.
     :ivar client_ip: the peer address as bytes, for the forwarding headers.
     :ivar gone: the client connection is closed.
+    :ivar upstream_full: the backend a request body streams to paused
+        reading from the client.
     """
 
     def __init__(self, ctx):
@@ -62,12 +73,15 @@ class DownstreamConnection(Protocol):
         self._start_pending = None
         self._closing = False
         self._paused = False
+        self.upstream_full = False
         self.draining = False
         self._pending_reject = None
         self._url = b""
         self._headers = None
         self._head_bytes = 0
         self._in_head = False
+        self._body_mark = 0
+        self._framing = 0
         self._timer = None
         self._deadline = 0.0
         self._timer_kind = _TIMER_HEAD
@@ -112,6 +126,10 @@ class DownstreamConnection(Protocol):
                 self._head_bytes += len(data)
                 if self._head_bytes > self.ctx.max_header_bytes:
                     self._reject(431, "request head larger than max_header_bytes")
+            else:
+                rx = self._receiving
+                if rx is not None and rx.chunked_in:
+                    self._check_framing(rx, len(data))
         ex = self._start_pending
         if ex is not None:
             self._start_pending = None
@@ -175,7 +193,25 @@ class DownstreamConnection(Protocol):
         """Read again, unless pipelined requests are waiting their turn."""
         if self._paused and not self._queue and not self._closing:
             self._paused = False
+            if not self.upstream_full:
+                self.transport.resumeProducing()
+
+    # -- IPushProducer: a request body streamed to a slow backend ----------------
+
+    def pauseProducing(self) -> None:
+        """The backend is not reading the request body: stop reading it."""
+        self.upstream_full = True
+        if not self.gone:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The backend caught up (or the body ended): read again if we may."""
+        self.upstream_full = False
+        if not self._paused and not self.gone:
             self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The upstream connection is gone; its exchange answers the client."""
 
     # -- parser callbacks ----------------------------------------------------------
 
@@ -194,6 +230,11 @@ class DownstreamConnection(Protocol):
 
     def on_header(self, name: bytes, value: bytes):
         headers = self._headers
+        if headers is None:
+            # A trailer field after a chunked body.  The head has gone
+            # upstream (or is about to, from this very list): trailers are
+            # dropped, never read as headers.
+            return
         headers.append((name, value))
         if len(headers) > _MAX_HEADERS:
             raise _Reject(431, "more than %d request header fields" % (_MAX_HEADERS,))
@@ -210,7 +251,12 @@ class DownstreamConnection(Protocol):
             if method == b"CONNECT":
                 raise _Reject(405, "CONNECT is not supported")
             raise _Reject(501, "protocol upgrade is not supported")
-        ex.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        ex.http11 = version == "1.1"
+        if not ex.http11 and version != "1.0":
+            if version == "0.9":
+                raise _Reject(400, "HTTP/0.9 request")
+            raise _Reject(505, "HTTP/%s request" % (version,))
         ex.keep_alive = parser.should_keep_alive() and not self.draining
         ex.started = ctx.reactor.seconds()
         head_size = len(self._url)
@@ -240,6 +286,7 @@ class DownstreamConnection(Protocol):
         if head_size > ctx.max_header_bytes:
             raise _Reject(431, "request head larger than max_header_bytes")
         ex.headers = self._headers
+        self._headers = None
         ex.connection_tokens = message.connection_tokens(conn_values) if conn_values else None
         self._set_target(ex, method, host)
         if te is not None:
@@ -249,6 +296,7 @@ class DownstreamConnection(Protocol):
                 raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
             ex.chunked_in = True
             ex.te_value = te
+            self._body_mark = -1
         elif length is not None:
             ex.content_length = int(length)
             if ex.content_length > ctx.max_body_bytes:
@@ -283,8 +331,27 @@ class DownstreamConnection(Protocol):
 
     # -- request checks ------------------------------------------------------------
 
+    def _check_framing(self, ex: Exchange, size: int) -> None:
+        """
+        Bound the bytes of a chunked body that are not body: chunk sizes,
+        extensions and trailers, which the parser holds until a field is
+        complete.  Reads that bring no body byte count, up to
+        C{max_header_bytes}; any body byte resets the count.
+        """
+        if ex.body_received != self._body_mark:
+            self._body_mark = ex.body_received
+            self._framing = 0
+        else:
+            self._framing += size
+            if self._framing > self.ctx.max_header_bytes:
+                self._reject(431, "chunk framing or trailers larger than max_header_bytes")
+
     def _set_target(self, ex: Exchange, method: bytes, host) -> None:
         url = self._url
+        if b"#" in url:
+            # A fragment is not part of a request target (RFC 9112 3.2);
+            # Balance and a backend could route "/a#b" differently.
+            raise _Reject(400, "fragment in request target")
         if url[:1] == b"/":
             ex.target = url
         elif url == b"*":
@@ -304,6 +371,9 @@ class DownstreamConnection(Protocol):
             if ex.http11:
                 raise _Reject(400, "missing Host header")
             host = b""
+            # The request goes upstream as HTTP/1.1, which needs a Host; an
+            # empty one says there is no authority (RFC 9112 3.2).
+            ex.headers.append((b"Host", b""))
         elif not message.valid_host(host):
             raise _Reject(400, "invalid Host header")
         ex.host = host

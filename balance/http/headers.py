@@ -23,6 +23,13 @@ _RESPONSE_SPECIAL = HOP_BY_HOP | {b"via", b"content-length"}
 _VIA = b"1.1 balance"
 
 
+def _codings(te: bytes) -> bytes:
+    """The transfer codings of C{te} other than chunked, each followed by C{", "}."""
+    return b"".join(
+        c.strip() + b", " for c in te.split(b",") if c.strip() and c.strip().lower() != b"chunked"
+    )
+
+
 def forwarded_for(client_ip: bytes) -> bytes:
     """The C{for=} value of C{Forwarded} (RFC 7239): IPv6 quoted in brackets."""
     if b":" in client_ip:
@@ -99,6 +106,7 @@ def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> by
     via = None
     length = None
     chunked = False
+    te = None
     for name, value in headers:
         lname = name.lower()
         if lname in _RESPONSE_SPECIAL:
@@ -107,7 +115,9 @@ def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> by
             elif lname == b"connection":
                 conn_values = [value] if conn_values is None else conn_values + [value]
             elif lname == b"transfer-encoding":
-                chunked = value.rstrip().lower().endswith(b"chunked")
+                te = value if te is None else te + b", " + value
+                # As the parser decides: chunked only as the last coding.
+                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
                 length = None
                 ex.until_close = not chunked
             elif lname == b"via":
@@ -123,7 +133,9 @@ def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> by
             parts[1:] = [p for p in parts[1:] if p.split(b":", 1)[0].lower() not in tokens]
             append = parts.append
     if ex.method == b"HEAD" or status in NO_BODY_STATUS:
-        if length is not None:
+        # A 204 must not have Content-Length (RFC 9110 8.6); for HEAD and
+        # 304 it states the length of the body a GET would have had.
+        if length is not None and status != 204:
             append(b"Content-Length: " + length + b"\r\n")
         ex.until_close = False
     elif length is not None:
@@ -134,7 +146,12 @@ def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> by
         ex.until_close = not chunked
         if ex.http11:
             ex.chunked_out = True
-            append(b"Transfer-Encoding: chunked\r\n")
+            if te is None or chunked and te.lower() == b"chunked":
+                append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                # The body passes through still in its other codings (gzip):
+                # the client must be told, with chunked as the last one.
+                append(b"Transfer-Encoding: " + _codings(te) + b"chunked\r\n")
         else:
             ex.close_after = True
     append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")

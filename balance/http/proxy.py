@@ -53,6 +53,7 @@ ERROR_BODIES = {
     502: b"Bad Gateway\n",
     503: b"Service Unavailable\n",
     504: b"Gateway Timeout\n",
+    505: b"HTTP Version Not Supported\n",
 }
 
 
@@ -191,13 +192,15 @@ class Exchange:
             self._send(conn)
             return
         self.attempts += 1
+        # Do not read a request body we have nowhere to put yet.  Paused
+        # first: an endpoint may connect synchronously, and the connection
+        # resumes reading once it has taken what we hold.
+        self.downstream.pause_reading()
         (
             self.pool.connect()
             .addCallback(self._connected)
             .addErrback(self._connect_failed, backend)
         )
-        # Do not read a request body we have nowhere to put yet.
-        self.downstream.pause_reading()
 
     def _connected(self, conn) -> None:
         if self.response_done or self.downstream.gone:
@@ -217,6 +220,8 @@ class Exchange:
         self.reason = "%s: %s" % (backend.address, why)
         self.status = 504 if why == "connect timeout" else 502
         self._pick()
+        # Outside of any dataReceived: nothing else sends the error answer.
+        self.downstream.flush()
 
     def _send(self, conn) -> None:
         """Write the request head and what we hold of the body to C{conn}."""
@@ -231,7 +236,7 @@ class Exchange:
             self._end_body(conn)
         elif self.content_length > _STREAM_THRESHOLD or self.chunked_in:
             self._streaming_up = True
-            conn.transport.registerProducer(self.downstream.transport, True)
+            conn.transport.registerProducer(self.downstream, True)
         conn.flush()
         self.downstream.resume_reading()
 
@@ -269,9 +274,27 @@ class Exchange:
         if self.chunked_in:
             conn.write(_LAST_CHUNK)
         if self._streaming_up:
-            self._streaming_up = False
-            conn.transport.unregisterProducer()
+            self._stop_streaming_up(conn)
         self._body_sent = True
+
+    def _stop_streaming_up(self, conn) -> None:
+        """
+        The request body stops flowing to C{conn}: unregister the client
+        connection as its producer, and undo a pause the backend's full
+        buffer caused, which nothing would undo once unregistered.
+        """
+        self._streaming_up = False
+        conn.transport.unregisterProducer()
+        down = self.downstream
+        if down.upstream_full:
+            down.resumeProducing()
+
+    def _stop_streaming_down(self, conn) -> None:
+        """As L{_stop_streaming_up}, for the response body to the client."""
+        self._streaming_down = False
+        self.downstream.transport.unregisterProducer()
+        if conn._client_full:
+            conn.resumeProducing()
 
     # -- response ---------------------------------------------------------------
 
@@ -287,7 +310,7 @@ class Exchange:
     def _stream_down(self, conn) -> None:
         if not self._streaming_down:
             self._streaming_down = True
-            self.downstream.transport.registerProducer(conn.transport, True)
+            self.downstream.transport.registerProducer(conn, True)
 
     def response_body(self, chunk: bytes) -> None:
         """A piece of the response body arrived from the backend."""
@@ -314,11 +337,9 @@ class Exchange:
     def _release(self, conn, reuse: bool) -> None:
         self.upstream = None
         if self._streaming_down:
-            self._streaming_down = False
-            self.downstream.transport.unregisterProducer()
+            self._stop_streaming_down(conn)
         if self._streaming_up:
-            self._streaming_up = False
-            conn.transport.unregisterProducer()
+            self._stop_streaming_up(conn)
         conn.exchange = None
         conn.reused = True
         if reuse:
@@ -344,14 +365,9 @@ class Exchange:
             return
         self.upstream = None
         if self._streaming_down:
-            self._streaming_down = False
-            self.downstream.transport.unregisterProducer()
+            self._stop_streaming_down(conn)
         if self._streaming_up:
-            self._streaming_up = False
-            try:
-                conn.transport.unregisterProducer()
-            except RuntimeError:
-                pass
+            self._stop_streaming_up(conn)
         if (
             conn.reused
             and not self.response_started
@@ -388,8 +404,9 @@ class Exchange:
         if conn is not None:
             self.upstream = None
             if self._streaming_down:
-                self._streaming_down = False
-                self.downstream.transport.unregisterProducer()
+                self._stop_streaming_down(conn)
+            if self._streaming_up:
+                self._stop_streaming_up(conn)
             conn.abort()
         if self.response_started:
             self.response_done = True
@@ -403,6 +420,8 @@ class Exchange:
         conn = self.upstream
         if conn is not None:
             self.upstream = None
+            if self._streaming_up:
+                self._stop_streaming_up(conn)
             conn.abort()
         close = not self.request_done or status in (400, 408, 413, 431)
         self.respond_locally(

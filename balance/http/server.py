@@ -96,6 +96,7 @@ class HTTPFactory(ServerFactory):
             return None
         return DownstreamConnection(self.context)
 
+    @property
     def active(self) -> int:
         """The number of open client connections."""
         return len(self.context.connections)
@@ -118,7 +119,7 @@ class HTTPFactory(ServerFactory):
             conn.drain()
         return d
 
-    def abortAll(self) -> None:
+    def abort_all(self) -> None:
         """Cut every connection still open (the drain timeout passed)."""
         for conn in list(self.context.connections):
             conn.transport.abortConnection()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import socket
 
 import httptools
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
 from balance import _io
 
@@ -20,9 +22,17 @@ _HEAD_END = b"\r\n\r\n"
 _MAX_HEAD = 64 * 1024
 
 
+class _Unsolicited(Exception):
+    """Raised from a parser callback: a second response followed the first."""
+
+
+@implementer(IPushProducer)
 class UpstreamConnection(Protocol):
     """
     A connection to a backend.
+
+    It is also the producer of a response body streamed to a client: the
+    client connection's transport pauses it while the client is not reading.
 
     :ivar exchange: the exchange using this connection, or L{None} while idle.
     :ivar reused: whether this connection already carried an exchange (a
@@ -48,6 +58,8 @@ class UpstreamConnection(Protocol):
         "_head_buffer",
         "_closed",
         "_wbuf",
+        "_complete",
+        "_client_full",
     )
 
     def __init__(self, pool):
@@ -59,6 +71,7 @@ class UpstreamConnection(Protocol):
         self._direct = False
         self._closed = False
         self._wbuf = []
+        self._client_full = False
         self._reset()
 
     def _reset(self):
@@ -70,6 +83,7 @@ class UpstreamConnection(Protocol):
         self._skip = False
         self._head_only = False
         self._head_buffer = b""
+        self._complete = False
 
     # -- Protocol ----------------------------------------------------------
 
@@ -94,10 +108,23 @@ class UpstreamConnection(Protocol):
                 self._feed_head_only(data)
             else:
                 self._parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            self.exchange = None
-            self.close()
-            exchange.upstream_failed(self, "malformed response: %s" % (e,), 502)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            if not self._complete:
+                self.exchange = None
+                self.close()
+                exchange.upstream_failed(self, "malformed response: %s" % (e,), 502)
+                exchange.downstream.flush()
+                return
+            # More bytes followed a complete response: the backend and
+            # Balance disagree on where it ended, so they are dropped with
+            # the connection rather than read as the next response.
+            self._keep_alive = False
+        if self._complete:
+            # Completed only now, after the parser stopped: a connection
+            # released from inside it could be taken by the next request
+            # while bytes of this one are still being parsed.
+            self._complete = False
+            exchange.response_complete(self, self._keep_alive)
         exchange.downstream.flush()
 
     def connectionLost(self, reason):
@@ -167,6 +194,22 @@ class UpstreamConnection(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
+    # -- IPushProducer: a response body streamed to a slow client ----------
+
+    def pauseProducing(self) -> None:
+        """The client is not reading: stop reading from the backend."""
+        self._client_full = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client caught up (or the body ended): read again."""
+        self._client_full = False
+        if not self._closed:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The client connection is gone; its exchange aborts this one."""
+
     # -- httptools callbacks -----------------------------------------------
 
     def on_status(self, status: bytes):
@@ -176,8 +219,12 @@ class UpstreamConnection(Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self):
+        if self._complete:
+            raise _Unsolicited()
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
+        if status < 200:
+            if status < 100:
+                raise httptools.HttpParserError("invalid status code %d" % (status,))
             # Interim responses (100 Continue, 103 Early Hints) are not
             # relayed: Balance answered the client's Expect itself.
             self._skip = True
@@ -199,9 +246,7 @@ class UpstreamConnection(Protocol):
         if self._head_only:
             # Completed by _feed_head_only, which knows where the head ends.
             return
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.response_complete(self, self._keep_alive)
+        self._complete = True
 
     # -- HEAD --------------------------------------------------------------
 
@@ -227,11 +272,11 @@ class UpstreamConnection(Protocol):
             # That was an interim 1xx response: look for the final one.
         self._head_buffer = b""
         self._parser = httptools.HttpResponseParser(self)
+        self._complete = True
         if buffer:
-            raise httptools.HttpParserError("data after the response to HEAD")
-        exchange = self.exchange
-        if exchange is not None:
-            exchange.response_complete(self, self._keep_alive)
+            # A body after the response to HEAD: the client has its
+            # response; the connection cannot be trusted any more.
+            self._keep_alive = False
 
 
 def describe_failure(reason) -> str:
