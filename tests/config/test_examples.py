@@ -19,6 +19,13 @@ class ExampleTests(unittest.TestCase):
         self.assertEqual([w.name for w in config.whoami], ["alpha", "beta"])
         self.assertEqual(config.listeners[0].listen, "tcp:8080:interface=127.0.0.1")
 
+    def test_examples(self):
+        """Every runnable example in etc/examples/ is valid."""
+        examples = [p for p in (ETC / "examples").glob("*.yaml") if p.name != "reference.yaml"]
+        self.assertTrue(examples)
+        for path in examples:
+            load_config(str(path))
+
     def test_invalid(self):
         cases = sorted((ETC / "invalid").glob("*.yaml"))
         self.assertTrue(cases)
