@@ -76,8 +76,10 @@ def makeService(options: Options):
     """Build the service tree of a validated config on the global reactor."""
     from twisted.internet import reactor
 
+    from balance._reactor import streamline
     from balance.service import build
 
+    streamline(reactor)
     # After the reactor's own handlers, which it installs when it starts.
     reactor.callWhenRunning(_install_signal_handlers, reactor)
     return build(options.model, reactor)
