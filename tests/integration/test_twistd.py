@@ -192,6 +192,35 @@ drain_timeout: 500ms
         self.assertEqual(code, 0, proc.output)
 
     @inlineCallbacks
+    def test_systemdNotify(self):
+        """
+        Under systemd (Type=notify) Balance says READY=1 once it listens and
+        STOPPING=1 when it starts draining.
+        """
+        notify_path = os.path.abspath(self.mktemp())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(notify_path)
+        sock.setblocking(False)
+        self.addCleanup(sock.close)
+        messages = []
+
+        def received():
+            try:
+                messages.append(sock.recv(1000))
+            except BlockingIOError:
+                pass
+            return messages
+
+        path, port = self.shipped_config()
+        proc = yield twistd.start(self, path, port, env={"NOTIFY_SOCKET": notify_path})
+        yield wait_for(lambda: b"READY=1" in received(), what="READY=1")
+        proc.signal("TERM")
+        code = yield proc.ended
+        self.assertEqual(code, 0, proc.output)
+        yield wait_for(lambda: b"STOPPING=1" in received(), what="STOPPING=1")
+        self.assertEqual(messages, [b"READY=1", b"STOPPING=1"])
+
+    @inlineCallbacks
     def test_bindFailure(self):
         """
         A listen address already in use stops twistd at start-up with a

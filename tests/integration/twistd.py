@@ -126,11 +126,13 @@ def run(*args: str) -> Deferred:
     return collector.ended.addCallback(done)
 
 
-def start(test, config_path: str, port: int, timeout: float = 20.0) -> Deferred:
+def start(test, config_path: str, port: int, timeout: float = 20.0, env=None) -> Deferred:
     """
     Start C{twistd -n balance --config config_path} and wait until it
     accepts connections on C{port}.  The process is killed at the end of
     C{test} if it is still running.
+
+    :param env: extra environment variables for it.
 
     :return: a Deferred firing with a L{BalanceProcess}.
     """
@@ -139,7 +141,7 @@ def start(test, config_path: str, port: int, timeout: float = 20.0) -> Deferred:
         collector,
         sys.executable,
         twistd_argv("-n", "--pidfile=", "balance", "--config", config_path),
-        env=child_env(),
+        env=dict(child_env(), **(env or {})),
         path=ROOT,
     )
     proc = BalanceProcess(collector, transport)
