@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.http.test_h1 -*-
 """
 The downstream side of the HTTP/1.1 proxy: a client connection, parsed with
 httptools (llhttp), strict about everything that could make Balance and a
@@ -381,21 +382,31 @@ class DownstreamConnection(Protocol):
         ex.path = ex.target if query < 0 else ex.target[:query]
 
     def _reject(self, status: int, reason: str) -> None:
-        """Refuse the request being parsed, and close once earlier ones end."""
+        """
+        Refuse the request being parsed.  The complete requests before it
+        are still answered, in order, then the refusal, then the connection
+        closes.
+        """
         self._closing = True
-        self._start_pending = None
         ex = self._receiving
         self._receiving = None
-        self._queue = None
         self.pause_reading()
-        if ex is not None and ex is self._active:
-            # Refused while it is already being proxied (a body over the
-            # limit): cut the upstream side and answer if we still can.
-            if ex.response_started:
-                self.abort()
-            else:
-                ex.fail(status, reason)
-            return
+        if ex is not None:
+            if ex is self._active:
+                # Refused while it is already being proxied (a body over
+                # the limit, bad chunk framing): cut the upstream side and
+                # answer if we still can.
+                if ex is self._start_pending:
+                    self._start_pending = None
+                if ex.response_started:
+                    self.abort()
+                else:
+                    ex.fail(status, reason)
+                return
+            # A queued request whose body is bad: the last one parsed.
+            queue = self._queue
+            if queue and queue[-1] is ex:
+                queue.pop()
         if self._active is not None:
             self._pending_reject = (status, reason)
             return
@@ -420,9 +431,6 @@ class DownstreamConnection(Protocol):
             return
         self._active = None
         self.ctx.request_done(self, ex)
-        if self._pending_reject is not None:
-            self._send_reject(*self._pending_reject)
-            return
         if ex.close_after or not ex.keep_alive or self.draining:
             self._closing = True
             self.flush()
@@ -432,8 +440,13 @@ class DownstreamConnection(Protocol):
         if queue:
             nxt = self._active = queue.popleft()
             if not queue:
+                # Reading resumes on a later reactor turn, after nxt.start()
+                # has paused it again if it must wait for a connection.
                 self.resume_reading()
             nxt.start()
+            return
+        if self._pending_reject is not None:
+            self._send_reject(*self._pending_reject)
             return
         self._set_timer(_TIMER_IDLE, self.ctx.idle_timeout)
         self.resume_reading()

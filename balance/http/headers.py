@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.http.test_headers -*-
 """
 Rewriting heads on their way through the proxy (RFC 9110 7.6, RFC 9112):
 hop-by-hop fields and those named in C{Connection} are dropped, the

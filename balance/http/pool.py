@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.http.test_pool -*-
 """
 Keep-alive connections to backends, reused across downstream connections.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.http.test_proxy -*-
 """
 One proxied HTTP/1.1 request, from its parsed head to the end of its
 response: routing, picking a backend, taking a pooled connection, streaming
@@ -293,7 +294,7 @@ class Exchange:
         """As L{_stop_streaming_up}, for the response body to the client."""
         self._streaming_down = False
         self.downstream.transport.unregisterProducer()
-        if conn._client_full:
+        if conn.client_full:
             conn.resumeProducing()
 
     # -- response ---------------------------------------------------------------
@@ -304,6 +305,11 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
+        if not self.request_done:
+            # An answer before the whole request: the rest of the body
+            # cannot be told apart from a next request, so this is the last
+            # response on the connection, and the head says so.
+            self.close_after = True
         down = self.downstream
         down.write(down.ctx.response_head(self, status, reason, headers))
 

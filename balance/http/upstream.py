@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.http.test_proxy -*-
 """
 The upstream side of the HTTP/1.1 proxy: one keep-alive connection to a
 backend, carrying one exchange at a time, parsing responses with httptools.
@@ -59,7 +60,7 @@ class UpstreamConnection(Protocol):
         "_closed",
         "_wbuf",
         "_complete",
-        "_client_full",
+        "client_full",
     )
 
     def __init__(self, pool):
@@ -71,7 +72,7 @@ class UpstreamConnection(Protocol):
         self._direct = False
         self._closed = False
         self._wbuf = []
-        self._client_full = False
+        self.client_full = False
         self._reset()
 
     def _reset(self):
@@ -198,12 +199,12 @@ class UpstreamConnection(Protocol):
 
     def pauseProducing(self) -> None:
         """The client is not reading: stop reading from the backend."""
-        self._client_full = True
+        self.client_full = True
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         """The client caught up (or the body ended): read again."""
-        self._client_full = False
+        self.client_full = False
         if not self._closed:
             self.transport.resumeProducing()
 

@@ -1,0 +1,107 @@
+# -*- test-case-name: tests.http.test_pool -*-
+"""
+Tests for L{balance.http.pool}: which idle backend connection is reused,
+how many are kept, and when they are closed.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from balance.config import model
+from balance.http.pool import BackendPool, PoolSet
+
+
+class FakeConnection:
+    """An upstream connection as the pool sees it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.open = True
+        self.idle_since = 0.0
+
+    def usable(self) -> bool:
+        return self.open
+
+    def close(self) -> None:
+        self.open = False
+
+    def __repr__(self) -> str:
+        return f"<conn {self.name}>"
+
+
+class BackendPoolTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.pool = BackendPool(self.clock, object(), max_idle=2, idle_timeout=10.0)
+
+    def test_most_recent_first(self):
+        """The connection released last is reused first: the warmest one."""
+        a, b = FakeConnection("a"), FakeConnection("b")
+        self.pool.release(a)
+        self.pool.release(b)
+        self.assertIs(self.pool.take(), b)
+        self.assertIs(self.pool.take(), a)
+        self.assertIsNone(self.pool.take())
+
+    def test_unusable_skipped(self):
+        """A connection that closed while idle is never handed out."""
+        a, b = FakeConnection("a"), FakeConnection("b")
+        self.pool.release(a)
+        self.pool.release(b)
+        b.open = False
+        self.assertIs(self.pool.take(), a)
+
+    def test_max_idle(self):
+        """Beyond max_idle_per_backend, released connections are closed."""
+        conns = [FakeConnection(str(i)) for i in range(3)]
+        for conn in conns:
+            self.pool.release(conn)
+        self.assertEqual(self.pool.idle, conns[:2])
+        self.assertFalse(conns[2].open)
+
+    def test_idle_timeout(self):
+        """
+        Connections idle for pool.idle_timeout are closed by one sweep;
+        younger ones stay until their own time comes.
+        """
+        old, young = FakeConnection("old"), FakeConnection("young")
+        self.pool.release(old)
+        self.clock.advance(6)
+        self.pool.release(young)
+        self.clock.advance(4.5)
+        self.assertEqual((old.open, young.open), (False, True))
+        self.assertEqual(self.pool.idle, [young])
+        self.clock.advance(6)
+        self.assertFalse(young.open)
+        self.assertEqual(self.pool.idle, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_discard(self):
+        """A connection the backend closed is forgotten."""
+        a = FakeConnection("a")
+        self.pool.release(a)
+        self.pool.discard(a)
+        self.pool.discard(a)
+        self.assertEqual(self.pool.idle, [])
+
+    def test_close_idle(self):
+        """Closing the pool closes its idle connections and its timer."""
+        a = FakeConnection("a")
+        self.pool.release(a)
+        self.pool.close_idle()
+        self.assertFalse(a.open)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class PoolSetTests(SynchronousTestCase):
+    def test_one_pool_per_backend(self):
+        """Each backend has one pool, shared, with its cluster's settings."""
+        pools = PoolSet(Clock())
+        first, second = object(), object()
+        settings = model.Pool(max_idle_per_backend=3, idle_timeout=5.0)
+        pool = pools.get(first, settings)
+        self.assertIs(pools.get(first, settings), pool)
+        self.assertIsNot(pools.get(second, settings), pool)
+        self.assertEqual((pool.max_idle, pool.idle_timeout), (3, 5.0))
