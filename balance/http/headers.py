@@ -22,6 +22,7 @@ _REQUEST_SPECIAL = HOP_BY_HOP | {
 }
 _RESPONSE_SPECIAL = HOP_BY_HOP | {b"via", b"content-length"}
 _VIA = b"1.1 balance"
+_ALREADY_DROPPED = HOP_BY_HOP | {b"close"}
 
 
 def _codings(te: bytes) -> bytes:
@@ -129,7 +130,8 @@ def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> by
         append(name + b": " + value + b"\r\n")
     if conn_values is not None:
         # Fields named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-        tokens = connection_tokens(conn_values)
+        # The usual "keep-alive" or "close" name fields already dropped.
+        tokens = connection_tokens(conn_values) - _ALREADY_DROPPED
         if tokens:
             parts[1:] = [p for p in parts[1:] if p.split(b":", 1)[0].lower() not in tokens]
             append = parts.append
