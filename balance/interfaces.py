@@ -17,11 +17,20 @@ class ILoadBalancer(Interface):
     A load-balancing policy: decides which backend of a cluster gets the next
     connection or request.
 
-    A policy is pure: no sockets, no reactor, no clock, no logging.  It reads
-    the backends' runtime state (L{balance.cluster.backend.Backend.eligible},
-    C{weight}, C{active}) when it picks, and keeps whatever bookkeeping of its
-    own it needs (a cursor, a ring, latency averages) in itself.  Policies
-    that use randomness take an injected C{random.Random}.
+    A policy is pure: no sockets, no reactor, no logging, no hidden clock or
+    randomness.  It reads the backends' runtime state
+    (L{balance.cluster.backend.Backend.eligible}, C{weight}, C{active}) when
+    it picks, and keeps whatever bookkeeping of its own it needs (a cursor, a
+    ring, latency averages) in itself.  Policies that use randomness take an
+    injected C{random.Random}, and those that use time an injected clock
+    (an object with C{seconds()}), through
+    L{balance.cluster.lb.options.Options}.
+
+    The caller (L{balance.cluster.cluster.Cluster}) drives it in this order
+    for each unit of work (a TCP connection, or an HTTP request):
+    C{pick}, then C{started} once it commits to the backend, then
+    C{finished} exactly once, and C{observe} with the latency whenever it
+    measured one.
     """
 
     def update(backends):
@@ -30,7 +39,8 @@ class ILoadBalancer(Interface):
 
         Called once at construction and again whenever the set of backends
         changes (reload, DNS re-resolution).  Health and drain changes do not
-        call it: they show in C{backend.eligible} at the next pick.
+        call it: they show in C{backend.eligible} at the next pick.  Hash
+        policies rebuild their ring or table here, and only here.
 
         @param backends: The new backends, in config order.
         @type backends: sequence of L{balance.cluster.backend.Backend}
@@ -41,7 +51,9 @@ class ILoadBalancer(Interface):
         Choose a backend.
 
         @param key: What hashing policies hash (client address, header,
-            cookie or path, as C{bytes} or C{str}); others ignore it.
+            cookie or path, as C{bytes}; see L{balance.cluster.lb.keys}), or
+            L{None} when the request has none, in which case hashing policies
+            fall back to round robin.  Other policies ignore it.
         @param exclude: Backends that must not be chosen, typically those a
             retry or a connect failover already tried.
         @type exclude: container of L{balance.cluster.backend.Backend}
@@ -56,14 +68,29 @@ class ILoadBalancer(Interface):
         Note that a connection or request to C{backend} has started.
 
         Called after a successful L{pick} once the caller commits to it (for
-        example when it starts connecting).  Policies that weigh load
-        (least-connections, peak EWMA) use it; others ignore it.
+        example when it starts connecting), after C{backend.active} has been
+        incremented.  Policies that weigh load (bounded-load hashing) use it;
+        others ignore it.
         """
 
     def finished(backend):
         """
         Note that a connection or request to C{backend} has finished (or its
-        attempt failed).  Called exactly once per L{started}.
+        attempt failed), after C{backend.active} has been decremented.
+        Called exactly once per L{started}, possibly for a backend that an
+        L{update} has removed since.
+        """
+
+    def observe(backend, latency):
+        """
+        Record how long C{backend} took to answer: for HTTP, from sending
+        the request to receiving the response head; for TCP, how long the
+        connection took to establish.
+
+        Latency-aware policies (peak EWMA) use it; others ignore it.  Not
+        called for attempts that failed before an answer.
+
+        @param latency: Seconds, a float at least 0.
         """
 
 

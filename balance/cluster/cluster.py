@@ -6,16 +6,21 @@ to a backend with failover to the next one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 
 from twisted.internet import error
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from balance.cluster import lb
-from balance.cluster.backend import Backend
+from balance.cluster.backend import Backend, is_ip_literal
+from balance.cluster.lb.keys import key_function
+from balance.cluster.resolve import DEFAULT_INTERVAL, DEFAULT_TIMEOUT, Resolver
+from balance.cluster.slow_start import SlowStart
+from balance.cluster.sticky import StickyCookie, derive_secret
 from balance.config import model
 
 _NO_CONTEXT: Mapping[str, object] = {}
@@ -69,26 +74,86 @@ class Cluster:
     The backends of one configured cluster and the policy that spreads work
     over them.
 
+    Backends given as IP literals are used as they are.  Backends given as
+    host names connect through the name (resolved at each connect) until
+    L{start} has resolved it; from then on each address of the name is a
+    backend of its own, and the names are resolved again periodically (see
+    L{balance.cluster.resolve}).
+
     @ivar model: The configured cluster.
     @ivar name: Its name.
-    @ivar backends: The runtime L{Backend}s, in config order.
+    @ivar backends: The runtime L{Backend}s, in config order (the
+        addresses of one host name sorted); replaced, never mutated, when
+        DNS changes the set.
     @ivar policy: The L{balance.interfaces.ILoadBalancer} named by C{lb:}.
+    @ivar sticky: The L{StickyCookie} of C{sticky_cookie:}, or L{None}.
+    @ivar slow_start: The L{SlowStart} of C{slow_start:}, or L{None}.
+    @ivar watchers: Callables called with the new C{backends} each time DNS
+        changes the set, after the policy and the sticky cookie have taken
+        it (health checks, outlier detection and connection pools follow
+        the set through this).
     """
 
     log = Logger()
 
-    def __init__(self, cluster: model.Cluster, reactor):
+    def __init__(
+        self,
+        cluster: model.Cluster,
+        reactor,
+        *,
+        rng=None,
+        name_resolver=None,
+        sticky_secret: bytes | None = None,
+        resolve_interval: float = DEFAULT_INTERVAL,
+        resolve_timeout: float = DEFAULT_TIMEOUT,
+    ):
         """
         @param cluster: The validated cluster config.
         @param reactor: What the backends' endpoints connect with
-            (L{IReactorTCP}, L{IReactorTime}).
+            (L{IReactorTCP}, L{IReactorTime}); also the cluster's clock.
+        @param rng: The C{random.Random} of the policy; a fresh one when
+            L{None}.  Pass a seeded one for reproducible picks.
+        @param name_resolver: The L{IHostnameResolver} for backend host
+            names; C{reactor.nameResolver} when L{None}.
+        @param sticky_secret: The key of sticky cookie tokens, the same in
+            every process; derived from the cluster name when L{None} (see
+            L{balance.cluster.sticky.derive_secret}).
+        @param resolve_interval: Seconds between re-resolutions of names.
+        @param resolve_timeout: Seconds a name lookup may take.
         """
         self.model = cluster
         self.name = cluster.name
-        self.backends = tuple(
-            Backend.build(b, reactor, cluster.connect_timeout) for b in cluster.backends
+        self._reactor = reactor
+        self._name_resolver = name_resolver
+        self._resolve_interval = resolve_interval
+        self._resolve_timeout = resolve_timeout
+        self._resolver: Resolver | None = None
+        self._addresses: dict[str, tuple[str, ...]] = {}
+        self.slow_start = SlowStart(cluster.slow_start) if cluster.slow_start > 0 else None
+        self.watchers: list[Callable[[tuple[Backend, ...]], object]] = []
+        self.backends: tuple[Backend, ...] = ()
+        self.backends = self._build()
+        self.policy = lb.make(
+            cluster.lb,
+            self.backends,
+            lb.Options(
+                rng=rng if rng is not None else random.Random(),
+                clock=reactor,
+                slow_start=self.slow_start,
+                bounded_load=cluster.bounded_load,
+            ),
         )
-        self.policy = lb.make(cluster.lb, self.backends)
+        self.sticky = (
+            StickyCookie(
+                cluster.sticky_cookie,
+                derive_secret(cluster.name, sticky_secret),
+                self.backends,
+            )
+            if cluster.sticky_cookie
+            else None
+        )
+        self._hash_on = cluster.hash_on if cluster.lb in lb.HASH_POLICIES else None
+        self._key = key_function(self._hash_on) if self._hash_on else None
 
     def __repr__(self) -> str:
         return f"<Cluster {self.name} backends={len(self.backends)}>"
@@ -96,24 +161,99 @@ class Cluster:
     def backend(self, address: str) -> Backend:
         """
         Return the backend whose address is C{address} (C{"host:port"} as
-        configured).
+        configured), or whose C{name} is C{address}.  For a host name that
+        resolves to several addresses, the first of them; see
+        L{backends_at} for all.
 
         @raise KeyError: If there is none.
         """
         for b in self.backends:
-            if b.address == address:
+            if b.address == address or b.name == address:
                 return b
         raise KeyError(address)
+
+    def backends_at(self, address: str) -> tuple[Backend, ...]:
+        """
+        All the runtime backends of the configured C{address}: one per
+        address its host name resolves to (one for an IP literal); empty
+        when the cluster has no such backend.
+        """
+        return tuple(b for b in self.backends if b.address == address)
+
+    # Picking.
 
     def pick(self, key=None, exclude=()) -> Backend | None:
         """
         Ask the policy for a backend.
 
-        @param key: For hashing policies; see L{ILoadBalancer.pick}.
+        @param key: For hashing policies; see L{ILoadBalancer.pick} and
+            L{request_key}.
         @param exclude: Backends not to choose.
         @return: An eligible backend, or L{None}.
         """
         return self.policy.pick(key, exclude)
+
+    def request_key(self, client_ip: bytes, headers, path: bytes) -> bytes | None:
+        """
+        The hash key of an HTTP request, per the cluster's C{hash_on}:
+        L{None} when the policy does not hash or the request lacks the key.
+
+        @param client_ip: The client's address.
+        @param headers: The request's C{(name, value)} pairs, as received.
+        @param path: The request target.
+        """
+        key = self._key
+        return None if key is None else key(client_ip, headers, path)
+
+    def connection_key(self, client_ip: bytes) -> bytes | None:
+        """
+        The hash key of a TCP connection: its client's address when the
+        policy hashes on C{client_ip}, else L{None}.
+        """
+        return client_ip if self._hash_on == "client_ip" else None
+
+    def pick_request(self, client_ip: bytes, headers, path: bytes, exclude=()) -> Backend | None:
+        """
+        Choose the backend of an HTTP request: the one its sticky cookie
+        names, when the cluster has C{sticky_cookie} and that backend is
+        eligible and not excluded; else the policy's pick with the
+        request's hash key.
+
+        @return: An eligible backend not in C{exclude}, or L{None}.
+        """
+        sticky = self.sticky
+        if sticky is not None:
+            backend = sticky.from_request(headers, exclude)
+            if backend is not None:
+                return backend
+        return self.policy.pick(self.request_key(client_ip, headers, path), exclude)
+
+    # Accounting.
+
+    def started(self, backend: Backend) -> None:
+        """
+        Note that a connection (tcp) or request (http) to C{backend}
+        starts: it counts in C{backend.active} until L{finished}.
+        """
+        backend.active += 1
+        self.policy.started(backend)
+
+    def finished(self, backend: Backend, latency: float | None = None) -> None:
+        """
+        Note that work counted by L{started} is over (done, failed or
+        abandoned).
+
+        @param latency: Seconds from sending the request to receiving the
+            response head, when it was measured; fed to the policy.
+        """
+        backend.active -= 1
+        self.policy.finished(backend)
+        if latency is not None:
+            self.policy.observe(backend, latency)
+
+    def observe(self, backend: Backend, latency: float) -> None:
+        """Feed a latency sample of C{backend} (seconds) to the policy."""
+        self.policy.observe(backend, latency)
 
     def connect(
         self,
@@ -128,7 +268,8 @@ class Cluster:
 
         Each backend is tried at most once, and at most C{max_attempts}
         backends in all.  Each failed attempt is logged at warn level with
-        the backend and the reason.
+        the backend and the reason.  The time a successful connection took
+        to establish is the latency the policy observes.
 
         While an attempt is in flight and after it succeeds, the backend
         counts the connection in C{active}; on success the caller owns that
@@ -136,7 +277,7 @@ class Cluster:
 
         @param protocol_factory: Builds the protocol of the upstream
             connection (only for the attempt that succeeds).
-        @param key: Passed to the policy's C{pick}.
+        @param key: Passed to the policy's C{pick} (see L{connection_key}).
         @param log_context: Extra structured fields for the log events (for
             example C{{"listener": "web"}}).
         @param max_attempts: At most this many backends are tried; all of
@@ -162,12 +303,114 @@ class Cluster:
         Note that a connection to C{backend} obtained from L{connect} has
         ended.
         """
-        backend.active -= 1
-        self.policy.finished(backend)
+        self.finished(backend)
 
-    def _acquire(self, backend: Backend) -> None:
-        backend.active += 1
-        self.policy.started(backend)
+    # Backends and DNS.
+
+    def start(self) -> Deferred:
+        """
+        Start resolving the backends' host names (now, and every
+        C{resolve_interval} seconds) until L{stop}.  Nothing to do when
+        every backend is an IP literal.
+
+        @return: A L{Deferred} firing with L{None} once the first round of
+            lookups is over (whatever its outcome: a name that does not
+            resolve keeps connecting through the name); it never fails.
+        """
+        names = [b.host for b in self.model.backends if not is_ip_literal(b.host)]
+        if not names or self._resolver is not None:
+            return succeed(None)
+        name_resolver = self._name_resolver
+        if name_resolver is None:
+            name_resolver = self._reactor.nameResolver
+        self._resolver = Resolver(
+            name_resolver,
+            self._reactor,
+            names,
+            self._resolved,
+            self._resolve_interval,
+            self._resolve_timeout,
+            self.name,
+        )
+        return self._resolver.start()
+
+    def stop(self) -> None:
+        """Stop resolving host names; the backends stay as they are."""
+        if self._resolver is not None:
+            self._resolver.stop()
+            self._resolver = None
+
+    def _resolved(self, host: str, addresses: tuple[str, ...]) -> None:
+        self._addresses[host] = addresses
+        backends = self._build()
+        if backends == self.backends:
+            return
+        self.backends = backends
+        self.policy.update(backends)
+        if self.sticky is not None:
+            self.sticky.update(backends)
+        for watcher in self.watchers:
+            try:
+                watcher(backends)
+            except Exception:
+                self.log.failure(
+                    "a watcher of cluster {cluster}'s backends failed", cluster=self.name
+                )
+
+    def _build(self) -> tuple[Backend, ...]:
+        """
+        The runtime backends for the config and the addresses known now,
+        reusing the current ones where nothing changed, so that their
+        state (active, health, drain) carries over.
+        """
+        position = {id(config): index for index, config in enumerate(self.model.backends)}
+        current: dict[tuple[int, str | None], Backend] = {}
+        placeholders: dict[int, Backend] = {}
+        siblings: dict[int, Backend] = {}
+        for b in self.backends:
+            index = position[id(b.model)]
+            current[(index, b.ip)] = b
+            siblings.setdefault(index, b)
+            if b.ip is None:
+                placeholders[index] = b
+        starting = not self.backends
+        built: list[Backend] = []
+        for index, config in enumerate(self.model.backends):
+            if is_ip_literal(config.host):
+                ips: tuple[str | None, ...] = (config.host,)
+            else:
+                ips = self._addresses.get(config.host, (None,))
+            for ip in ips:
+                backend = current.get((index, ip))
+                if backend is None:
+                    backend = self._new_backend(
+                        config, ip, starting, placeholders.get(index), siblings.get(index)
+                    )
+                built.append(backend)
+        return tuple(built)
+
+    def _new_backend(self, config, ip, starting, placeholder, sibling) -> Backend:
+        backend = Backend.build(config, self._reactor, self.model.connect_timeout, ip)
+        backend.on_recovery = self._recovered
+        if placeholder is not None:
+            # The name resolved for the first time: its addresses take
+            # over from the backend that connected through the name.
+            backend.healthy = placeholder.healthy
+            backend.drained = placeholder.drained
+            backend.healthy_since = placeholder.healthy_since
+        elif not starting:
+            # A new address of a running cluster: ramp it up.
+            if sibling is not None:
+                backend.drained = sibling.drained
+            self._recovered(backend)
+        return backend
+
+    def _recovered(self, backend: Backend) -> None:
+        now = self._reactor.seconds()
+        if self.slow_start is not None:
+            self.slow_start.begin(backend, now)
+        else:
+            backend.healthy_since = now
 
 
 class _Attempts:
@@ -186,6 +429,7 @@ class _Attempts:
         "_tried",
         "_pending",
         "_cancelled",
+        "_began",
         "result",
     )
 
@@ -198,6 +442,7 @@ class _Attempts:
         self._tried: list[Backend] = []
         self._pending: Deferred | None = None
         self._cancelled = False
+        self._began = 0.0
         self.result = Deferred(self._cancel)
 
     def next(self, failed: Backend | None = None, reason: Failure | None = None) -> None:
@@ -213,18 +458,20 @@ class _Attempts:
         if failed is not None:
             self._cluster.log.warn(
                 "connect to {backend} in cluster {cluster} failed ({reason}); {outcome}",
-                backend=failed.address,
+                backend=failed.name,
                 cluster=self._cluster.name,
                 reason=why,
                 outcome="no backend left to try" if backend is None else "trying next backend",
                 **self._log_context,
             )
         if backend is None:
-            tried = tuple(b.address for b in self._tried)
+            tried = tuple(b.name for b in self._tried)
             self.result.errback(NoBackendAvailable(self._cluster.name, tried, why))
             return
         self._tried.append(backend)
-        self._cluster._acquire(backend)
+        cluster = self._cluster
+        cluster.started(backend)
+        self._began = cluster._reactor.seconds()
         try:
             attempt = backend.endpoint.connect(self._factory)
         except Exception:
@@ -239,6 +486,8 @@ class _Attempts:
 
     def _connected(self, protocol, backend: Backend) -> None:
         self._pending = None
+        cluster = self._cluster
+        cluster.observe(backend, max(0.0, cluster._reactor.seconds() - self._began))
         self.result.callback((backend, protocol))
 
     def _failed(self, reason: Failure, backend: Backend) -> None:

@@ -84,3 +84,62 @@ class BackendTests(SynchronousTestCase):
         Backend.build(config, self.reactor, 2.0).endpoint.connect(Factory())
         host, port, _, timeout, _ = self.reactor.tcpClients[0]
         self.assertEqual((host, port, timeout), ("::1", 9002, 2.0))
+
+
+class BackendStateTests(SynchronousTestCase):
+    """Eligibility, recovery and naming."""
+
+    def setUp(self):
+        self.config = model.Backend(address="127.0.0.1:9001", host="127.0.0.1", port=9001)
+
+    def test_ejected(self):
+        """An ejected backend is not eligible until the ejection ends."""
+        b = Backend(self.config)
+        b.ejected = True
+        self.assertFalse(b.eligible)
+        self.assertEqual(repr(b), "<Backend 127.0.0.1:9001 active=0 ejected>")
+        b.ejected = False
+        self.assertTrue(b.eligible)
+
+    def test_on_recovery(self):
+        """
+        C{on_recovery} runs when a backend comes back into service: healthy
+        again, or back from ejection; not on other changes.
+        """
+        b = Backend(self.config)
+        recovered = []
+        b.on_recovery = recovered.append
+        b.healthy = True
+        b.drained = True
+        b.drained = False
+        b.healthy = False
+        self.assertEqual(recovered, [])
+        b.healthy = True
+        b.ejected = True
+        b.ejected = False
+        self.assertEqual(recovered, [b, b])
+
+    def test_ip_literal(self):
+        """An IP-literal backend's ip is its host, and its name its address."""
+        b = Backend(self.config)
+        self.assertEqual((b.ip, b.name), ("127.0.0.1", "127.0.0.1:9001"))
+        self.assertEqual(b.healthy_since, float("-inf"))
+
+    def test_resolved_name(self):
+        """
+        A backend resolved from a host name keeps the configured address and
+        shows the IP in its name; its endpoint connects to the IP.
+        """
+        reactor = MemoryReactorClock()
+        config = model.Backend(address="db.internal:5432", host="db.internal", port=5432)
+        unresolved = Backend.build(config, reactor, 1.0)
+        self.assertIsNone(unresolved.ip)
+        self.assertEqual(unresolved.name, "db.internal:5432")
+        self.assertIsInstance(unresolved.endpoint, HostnameEndpoint)
+        b = Backend.build(config, reactor, 1.0, ip="10.1.2.3")
+        self.assertEqual(
+            (b.address, b.ip, b.name),
+            ("db.internal:5432", "10.1.2.3", "db.internal:5432 (10.1.2.3)"),
+        )
+        b.endpoint.connect(Factory())
+        self.assertEqual(reactor.tcpClients[0][:2], ("10.1.2.3", 5432))

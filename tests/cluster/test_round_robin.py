@@ -1,66 +1,25 @@
 """
-Tests for L{balance.cluster.lb}: the policy registry and round robin.
+Tests for L{balance.cluster.lb.round_robin}.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
 from collections import Counter
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
 
-from balance.cluster import lb
 from balance.cluster.backend import Backend
+from balance.cluster.lb.options import Options
 from balance.cluster.lb.round_robin import RoundRobin
-from balance.interfaces import ILoadBalancer
+from balance.cluster.slow_start import SlowStart
+from tests.cluster.support import assert_near, shares
 from tests.helpers import backend_model
 
 
 def backends(*ports):
     """Runtime backends on 127.0.0.1 with the given ports, no endpoints."""
     return [Backend(backend_model("127.0.0.1", port)) for port in ports]
-
-
-class RegistryTests(SynchronousTestCase):
-    """The registry maps config names to policies."""
-
-    def test_every_policy_provides_the_interface(self):
-        """Each registered policy, built by C{make}, provides ILoadBalancer."""
-        for name in lb.POLICIES:
-            verifyObject(ILoadBalancer, lb.make(name, backends(1, 2)))
-
-    def test_make_round_robin(self):
-        """C{make("round_robin", ...)} builds a RoundRobin over the backends."""
-        a, b = backends(1, 2)
-        policy = lb.make("round_robin", [a, b])
-        self.assertIsInstance(policy, RoundRobin)
-        self.assertEqual([policy.pick(), policy.pick(), policy.pick()], [a, b, a])
-
-    def test_unknown_name(self):
-        """An unknown policy name raises KeyError."""
-        self.assertRaises(KeyError, lb.make, "no_such_policy", backends(1))
-
-    def test_policies_are_pure(self):
-        """
-        Policy modules import nothing that does I/O or reads the time or
-        randomness behind the caller's back.
-        """
-        forbidden = ("time", "random", "socket", "twisted.internet.reactor")
-        for policy in lb.POLICIES.values():
-            tree = ast.parse(inspect.getsource(inspect.getmodule(policy)))
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import):
-                    names = [alias.name for alias in node.names]
-                elif isinstance(node, ast.ImportFrom):
-                    names = [node.module or ""]
-                else:
-                    continue
-                for name in names:
-                    self.assertNotIn(name, forbidden)
-                    if name.startswith("twisted.internet"):
-                        self.assertEqual(name, "twisted.internet.interfaces")
 
 
 class RoundRobinTests(SynchronousTestCase):
@@ -143,3 +102,32 @@ class RoundRobinTests(SynchronousTestCase):
         self.policy.started(self.a)
         self.policy.finished(self.a)
         self.assertEqual(self.picks(2), [self.a, self.b])
+
+    def test_weights_ignored(self):
+        """Configured weights do not change round robin's even spread."""
+        a, b = (
+            Backend(backend_model("127.0.0.1", port, weight)) for port, weight in ((1, 5), (2, 1))
+        )
+        policy = RoundRobin([a, b])
+        self.assertEqual([policy.pick() for _ in range(4)], [a, b, a, b])
+
+
+class RoundRobinSlowStartTests(SynchronousTestCase):
+    """Round robin honours a slow-start ramp."""
+
+    def test_ramp(self):
+        """
+        A backend that has just recovered gets about 10% of a full share at
+        first, about half at mid-window, and its full turn after the window
+        (counts over 1000 picks, within 2 percentage points).
+        """
+        clock = Clock()
+        slow = SlowStart(10.0)
+        a, b = backends(1, 2)
+        policy = RoundRobin([a, b], Options(clock=clock, slow_start=slow))
+        slow.begin(b, clock.seconds())
+        expected = {0.0: 0.1 / 1.1, 5.0: 0.55 / 1.55, 10.0: 0.5}
+        for when, share in expected.items():
+            clock.advance(when - clock.seconds())
+            picks = [policy.pick() for _ in range(1000)]
+            assert_near(self, shares(picks, [b])[0], share, 0.02, f"share at {when}s")
