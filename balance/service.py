@@ -17,6 +17,11 @@ from balance.http.server import HTTPContext, HTTPFactory
 from balance.l4.relay import L4ProxyFactory
 from balance.listener import ListenerService
 from balance.observe.accesslog import AccessLog
+from balance.observe.metrics import Metrics
+from balance.ratelimit import build_store
+from balance.sdnotify import notify
+from balance.tls.server import ServerTLS
+from balance.tls.transport import wrap as wrap_tls
 from balance.whoami import WhoamiFactory
 
 
@@ -30,6 +35,8 @@ class BalanceService(MultiService):
 
     @ivar clusters: The runtime clusters by name, shared by all listeners.
     @ivar listeners: The listener services by listener name.
+    @ivar tls: The L{ServerTLS} of each listener with C{tls}, by listener
+        name; C{reload()} re-reads their certificate files.
     """
 
     log = Logger()
@@ -40,10 +47,20 @@ class BalanceService(MultiService):
         self.clusters: dict[str, Cluster] = {}
         self.pools = PoolSet(reactor)
         self.access_logs: list[AccessLog] = []
+        self.metrics = Metrics()
+        self.metrics.add_backend_source(self._backend_states)
+        self.rate_limit_store = build_store(config.rate_limit_store, reactor)
+        self.tls: dict[str, ServerTLS] = {}
         self.listeners = MultiService()
         self.upstreams = MultiService()
         self.upstreams.setServiceParent(self)
         self.listeners.setServiceParent(self)
+
+    def _backend_states(self):
+        """Live backend gauges for the metrics: (cluster, backend, up, active, breaker open)."""
+        for cluster in self.clusters.values():
+            for backend in cluster.backends:
+                yield (cluster.name, backend.address, backend.healthy, backend.active, False)
 
     def startService(self):
         # Everything built so far (modules, config, clusters) lives as long
@@ -59,10 +76,13 @@ class BalanceService(MultiService):
             clusters=len(self.config.clusters),
         )
         super().startService()
+        # Listeners bind synchronously in startService: we are serving.
+        notify("READY=1")
 
     @defer.inlineCallbacks
     def stopService(self):
         self.log.info("Balance stopping: draining listeners")
+        notify("STOPPING=1")
         if self.listeners.running:
             yield self.listeners.stopService()
         self.pools.close_idle()
@@ -80,6 +100,9 @@ def build(config: model.Config, reactor) -> BalanceService:
     built-in whoami upstream, and the clusters and pools they share.
     """
     root = BalanceService(config, reactor)
+    if hasattr(root.rate_limit_store, "setServiceParent"):
+        # Redis: connect before the listeners accept.
+        root.rate_limit_store.setServiceParent(root.upstreams)
     for c in config.clusters:
         root.clusters[c.name] = Cluster(c, reactor)
     for w in config.whoami:
@@ -94,10 +117,24 @@ def build(config: model.Config, reactor) -> BalanceService:
                     listener.access_log.path, listener.access_log.format, reactor
                 )
                 root.access_logs.append(access_log)
-            context = HTTPContext(listener, root.clusters, root.pools, reactor, access_log)
+            context = HTTPContext(
+                listener,
+                root.clusters,
+                root.pools,
+                reactor,
+                access_log,
+                metrics=root.metrics,
+                rate_limit_store=root.rate_limit_store,
+            )
             factory = HTTPFactory(context)
         else:
-            factory = L4ProxyFactory(listener, root.clusters[listener.cluster], reactor)
+            factory = L4ProxyFactory(listener, root.clusters, reactor)
+        if listener.tls is not None:
+            # Beside its listener, before it: the listener stops (and drains)
+            # first, then the TLS timers.
+            tls = root.tls[listener.name] = ServerTLS(listener, reactor)
+            tls.setServiceParent(root.listeners)
+            factory = wrap_tls(tls, factory, reactor)
         svc = ListenerService(listener.listen, factory, reactor, config.drain_timeout)
         svc.setName(listener.name)
         svc.setServiceParent(root.listeners)

@@ -58,6 +58,8 @@ LB_POLICIES = (
     "consistent_hash_bounded",
 )
 HASH_POLICIES = ("ring_hash", "maglev", "consistent_hash_bounded")
+# An RFC 6265 cookie-name: an RFC 7230 token.
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 RETRY_CONDITIONS = ("connect-failure", "reset", "timeout", "5xx", "gateway-error")
 
 
@@ -190,6 +192,21 @@ def _cluster_model(ctx, value, path, line):
             lines.get("lb", line),
             join(path, "lb"),
             f"policy {parsed['lb']} needs hash_on (client_ip | header:NAME | cookie:NAME | path)",
+        )
+    if parsed.get("slow_start", 0) > 0 and parsed.get("lb") in HASH_POLICIES:
+        # Ramping weights would move keys between backends and back.
+        return ctx.error(
+            lines.get("slow_start", line),
+            join(path, "slow_start"),
+            f"slow_start does not apply to policy {parsed['lb']}, which hashes keys to "
+            "backends; use a policy that balances by weight or load, or slow_start: 0s",
+        )
+    cookie = parsed.get("sticky_cookie")
+    if cookie is not None and not _COOKIE_NAME.fullmatch(cookie):
+        return ctx.error(
+            lines.get("sticky_cookie", line),
+            join(path, "sticky_cookie"),
+            f"expected a cookie name (letters, digits and !#$%&'*+-.^_`|~), got {describe(cookie)}",
         )
     return model.Cluster(**parsed)
 
@@ -570,11 +587,82 @@ def _cross_checks(ctx, raw):
                     f"{rwhere}.match.sni",
                     "sni routes are for tcp listeners; use match.host on http listeners",
                 )
+        if protocol == "tcp" and routes and isinstance(listener.get("tls"), dict):
+            ctx.error(
+                _line_of(raw, "listeners", i, "tls"),
+                f"{where}.tls",
+                "sni routes pass TLS through without terminating it; a tcp listener "
+                "with routes cannot also have tls",
+            )
+        _tls_cross_checks(ctx, raw, i, listener.get("tls"))
         if "cluster" not in listener and not listener.get("routes"):
             ctx.error(
                 _line_of(raw, "listeners", i),
                 where,
                 "expected a cluster or routes: there is nowhere to send connections",
+            )
+
+
+def _tls_cross_checks(ctx, raw, i, tls):
+    if not isinstance(tls, dict):
+        return
+    default = tls.get("default_certificate")
+    certificates = tls.get("certificates")
+    if isinstance(default, str) and isinstance(certificates, list):
+        paths = [c.get("cert") for c in certificates if isinstance(c, dict)]
+        if default not in paths:
+            ctx.error(
+                _line_of(raw, "listeners", i, "tls", "default_certificate"),
+                f"listeners[{i}].tls.default_certificate",
+                f'expected the cert of one of the certificates, got "{default}"',
+            )
+
+
+def _tls_file_checks(ctx, raw, config: model.Config):
+    """
+    Read the certificates, keys and CA files that TLS settings name, as
+    they will be at start, so that a missing file or a key that does not
+    match its certificate is a config error (and C{--check} finds it).
+    """
+    from balance.tls.certs import CertificateError, read_ca_bundle, read_certificate
+
+    def check(keys, read, *args, fields=None):
+        try:
+            read(*args)
+        except CertificateError as e:
+            # keys ends with the config key at fault, or with None when that
+            # depends on which file failed (e.field, renamed by `fields`).
+            field = (fields or {}).get(e.field, e.field)
+            where = [*keys[:-1], field] if keys[-1] is None else list(keys)
+            shown = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in where)
+            ctx.error(_line_of(raw, *where), shown.lstrip("."), str(e))
+
+    for i, li in enumerate(config.listeners):
+        if li.tls is None:
+            continue
+        for j, c in enumerate(li.tls.certificates):
+            check(("listeners", i, "tls", "certificates", j, None), read_certificate, c.cert, c.key)
+        if li.tls.client_ca is not None:
+            check(("listeners", i, "tls", "client_ca"), read_ca_bundle, li.tls.client_ca)
+    for i, c in enumerate(config.clusters):
+        tls = c.tls
+        if tls is None:
+            continue
+        if tls.ca is not None:
+            check(("clusters", i, "tls", "ca"), read_ca_bundle, tls.ca)
+        if tls.client_cert is not None:
+            check(
+                ("clusters", i, "tls", None),
+                read_certificate,
+                tls.client_cert,
+                tls.client_key or tls.client_cert,
+                fields={"cert": "client_cert", "key": "client_key"},
+            )
+        elif tls.client_key is not None:
+            ctx.error(
+                _line_of(raw, "clusters", i, "tls", "client_key"),
+                f"clusters[{i}].tls.client_key",
+                "expected client_cert too: a client key without its certificate is unused",
             )
 
 
@@ -617,53 +705,45 @@ def _unsupported_checks(ctx, raw, config: model.Config):
             )
 
 
-unsupported(("listeners", "tls"), lambda li: li.tls is not None, "TLS termination")
+unsupported(
+    ("listeners", "allow"),
+    lambda li: li.protocol == "tcp" and bool(li.allow or li.deny),
+    "allow/deny on a tcp listener",
+)
 unsupported(("listeners", "proxy_protocol"), lambda li: li.proxy_protocol, "proxy_protocol")
-unsupported(("listeners", "allow"), lambda li: bool(li.allow), "allow lists")
-unsupported(("listeners", "deny"), lambda li: bool(li.deny), "deny lists")
 unsupported(
     ("listeners", "access_log"),
     lambda li: li.access_log is not None and li.protocol == "tcp",
     "access_log on a tcp listener",
 )
 unsupported(
-    ("listeners", "routes"), lambda li: li.protocol == "tcp" and bool(li.routes), "SNI routing"
-)
-unsupported(
     ("listeners", "limits", "max_connections_per_ip"),
     lambda li: li.limits.max_connections_per_ip is not None,
     "max_connections_per_ip",
 )
-unsupported(("clusters", "lb"), lambda c: c.lb != "round_robin", lambda c: f"lb {c.lb}")
-unsupported(("clusters", "tls"), lambda c: c.tls is not None, "backend TLS")
 unsupported(("clusters", "health_check"), lambda c: c.health_check is not None, "health_check")
 unsupported(
     ("clusters", "outlier_detection"),
     lambda c: c.outlier_detection is not None,
     "outlier_detection",
 )
-unsupported(("clusters", "sticky_cookie"), lambda c: c.sticky_cookie is not None, "sticky_cookie")
-unsupported(("clusters", "slow_start"), lambda c: c.slow_start > 0, "slow_start")
 unsupported(
     ("clusters", "send_proxy_protocol"),
     lambda c: c.send_proxy_protocol is not None,
     "send_proxy_protocol",
 )
 unsupported(("routes", "retry"), lambda r: r.retry is not None, "retry")
-unsupported(("routes", "rate_limit"), lambda r: r.rate_limit is not None, "rate_limit")
 unsupported(("routes", "websocket"), lambda r: r.websocket, "websocket")
 unsupported(
     ("routes", "websocket_max_message_bytes"),
     lambda r: r.websocket_max_message_bytes is not None,
     "websocket_max_message_bytes",
 )
-unsupported(("routes", "allow"), lambda r: bool(r.allow), "route allow lists")
 unsupported(
     ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
 )
 unsupported(("", "admin"), lambda c: c.admin is not None, "the admin API")
 unsupported(("", "workers"), lambda c: c.workers != 1, "more than one worker")
-unsupported(("", "rate_limit_store"), lambda c: c.rate_limit_store is not None, "rate_limit_store")
 unsupported(("", "tracing"), lambda c: c.tracing is not None, "tracing")
 
 
@@ -687,6 +767,7 @@ def validate(raw, path: str) -> model.Config:
         raise ConfigError(ctx.lines())
     config = model.Config(path=path, **parsed)
     _unsupported_checks(ctx, raw, config)
+    _tls_file_checks(ctx, raw, config)
     if ctx.errors:
         raise ConfigError(ctx.lines())
     return config

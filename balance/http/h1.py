@@ -65,6 +65,7 @@ class DownstreamConnection(Protocol):
         self.client_ip = b""
         self.client_port = 0
         self.gone = False
+        self.denied = False
         self._parser = None
         self._direct = False
         self._wbuf = []
@@ -104,6 +105,7 @@ class DownstreamConnection(Protocol):
 
     def dataReceived(self, data: bytes):
         self.bytes_in += len(data)
+        self.ctx.listener_metrics.bytes_in += len(data)
         parser = self._parser
         if parser is None:
             # Allocated on the first byte, not on accept: idle connections
@@ -173,6 +175,7 @@ class DownstreamConnection(Protocol):
         data = wbuf[0] if len(wbuf) == 1 else b"".join(wbuf)
         wbuf.clear()
         self.bytes_out += len(data)
+        self.ctx.listener_metrics.bytes_out += len(data)
         if self._direct:
             _io.send(self.transport, data)
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from balance.http import message
 from balance.http.upstream import describe_failure
+from balance.ratelimit.limiter import Decision
 
 _CHUNK_END = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -48,6 +49,7 @@ ERROR_BODIES = {
     405: b"Method Not Allowed\n",
     408: b"Request Timeout\n",
     413: b"Payload Too Large\n",
+    429: b"Too Many Requests\n",
     417: b"Expectation Failed\n",
     431: b"Request Header Fields Too Large\n",
     501: b"Not Implemented\n",
@@ -153,12 +155,58 @@ class Exchange:
     def start(self) -> None:
         """Route the request and answer it locally or send it upstream."""
         down = self.downstream
-        ctx = down.ctx
-        route = ctx.router.match(self.host, self.path, self.method, self.headers)
+        if down.denied:
+            self.fail(403, "client address denied by the listener")
+            return
+        route = down.ctx.router.match(self.host, self.path, self.method, self.headers)
         if route is None:
             self.fail(404, "no route")
             return
         self.route = route
+        if route.acl is not None and not route.acl.allowed(down.client_ip):
+            self.fail(403, "client address not allowed on this route")
+            return
+        limiter = route.limiter
+        if limiter is not None:
+            decision = limiter.check(down.client_ip, self.headers)
+            if type(decision) is not Decision:
+                # The shared store answers asynchronously: hold the request.
+                down.pause_reading()
+                decision.addCallback(self._rate_decided)
+                return
+            if not decision.allowed:
+                self._rate_limited(decision)
+                return
+        self._dispatch()
+
+    def _rate_decided(self, decision) -> None:
+        down = self.downstream
+        if self.response_done or down.gone:
+            return
+        if decision.allowed:
+            self._dispatch()
+            down.resume_reading()
+        else:
+            self._rate_limited(decision)
+        down.flush()
+
+    def _rate_limited(self, decision) -> None:
+        close = not self.request_done
+        self.reason = "rate limited"
+        self.respond_locally(
+            local_response(
+                429, ERROR_BODIES[429], close or self.close_after, decision.reject_headers()
+            ),
+            429,
+            "rate limited",
+            close,
+        )
+
+    def _dispatch(self) -> None:
+        """Answer locally or start the trip to a backend."""
+        down = self.downstream
+        ctx = down.ctx
+        route = self.route
         if route.local_response is not None:
             close = not self.keep_alive or not self.request_done or down.draining
             self.respond_locally(
@@ -218,6 +266,7 @@ class Exchange:
             self.tried = set()
         self.tried.add(backend)
         why = describe_failure(failure)
+        self.downstream.ctx.backend_metrics(self.cluster, backend).connect_failures += 1
         self.reason = "%s: %s" % (backend.address, why)
         self.status = 504 if why == "connect timeout" else 502
         self._pick()
@@ -305,6 +354,7 @@ class Exchange:
             return
         self.status = status
         self.response_started = True
+        self.downstream.ctx.backend_metrics(self.cluster, self.backend).observe(status)
         if not self.request_done:
             # An answer before the whole request: the rest of the body
             # cannot be told apart from a next request, so this is the last

@@ -188,6 +188,11 @@ class CompiledRoute:
         "_replies",
         "_strip",
         "_rewrite_to",
+        # Filled in by the listener that owns the router: the route's metrics
+        # handle, rate limiter and address ACL (None when not configured).
+        "metrics",
+        "limiter",
+        "acl",
     )
 
     def __init__(self, config: model.Route, index: int, label: str | None = None) -> None:
@@ -198,6 +203,9 @@ class CompiledRoute:
         """
         self.config = config
         self.index = index
+        self.metrics = None
+        self.limiter = None
+        self.acl = None
         self.label = str(index) if label is None else label
         self.cluster = config.cluster
         self.timeout = config.timeout

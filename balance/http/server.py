@@ -10,10 +10,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from balance.acl import CidrMatcher
 from balance.config import model
 from balance.http import headers
 from balance.http.h1 import DownstreamConnection
 from balance.http.router import Router
+from balance.observe.metrics import NO_ROUTE, Metrics
+from balance.ratelimit import build_store
+from balance.ratelimit.limiter import RateLimiter
 
 # When a route gives no timeout, a backend has this long to answer.
 DEFAULT_ROUTE_TIMEOUT = 60.0
@@ -26,15 +30,48 @@ class HTTPContext:
     :ivar clusters: runtime clusters by name.
     :ivar pools: the shared L{balance.http.pool.PoolSet}.
     :ivar access_log: an L{balance.observe.accesslog.AccessLog} or L{None}.
+    :ivar metrics: the process's L{Metrics}; C{listener_metrics} is this
+        listener's handle in it.
+    :ivar acl: the listener's address ACL, or L{None} when it has none.
     """
 
-    def __init__(self, listener: model.Listener, clusters, pools, reactor, access_log=None):
+    def __init__(
+        self,
+        listener: model.Listener,
+        clusters,
+        pools,
+        reactor,
+        access_log=None,
+        metrics: Metrics | None = None,
+        rate_limit_store=None,
+    ):
         self.listener = listener
         self.name = listener.name
         self.reactor = reactor
         self.clusters = clusters
         self.pools = pools
+        self.metrics = metrics = metrics if metrics is not None else Metrics()
+        self.listener_metrics = metrics.listener(listener.name)
+        self.no_route_metrics = metrics.route(listener.name, NO_ROUTE, None)
+        self._backend_metrics: dict = {}
+        acl = CidrMatcher(listener.allow, listener.deny)
+        self.acl = None if acl.empty else acl
         self.router = Router(listener.routes, default_cluster=listener.cluster)
+        store = rate_limit_store
+        for route in self.router.routes:
+            route.metrics = metrics.route(listener.name, route.label, route.cluster)
+            config = route.config
+            if config.allow:
+                route.acl = CidrMatcher(config.allow, ())
+            if config.rate_limit is not None:
+                if store is None:
+                    store = build_store(None, reactor)
+                route.limiter = RateLimiter(
+                    config.rate_limit,
+                    store,
+                    f"{listener.name}.{route.label}",
+                    metrics.rate_limited(listener.name, route.label),
+                )
         self.max_header_bytes = listener.limits.max_header_bytes
         self.max_body_bytes = listener.limits.max_body_bytes
         self.handshake_timeout = listener.timeouts.handshake
@@ -60,18 +97,38 @@ class HTTPContext:
 
     def connection_made(self, conn: DownstreamConnection) -> None:
         self.connections.add(conn)
+        lm = self.listener_metrics
+        lm.connections_total += 1
+        lm.active += 1
+        if self.acl is not None and not self.acl.allowed(conn.client_ip):
+            # Answered 403 on its first request (CONFIG.md: 403 for http).
+            conn.denied = True
         if self.draining:
             conn.drain()
 
     def connection_lost(self, conn: DownstreamConnection) -> None:
         self.connections.discard(conn)
+        self.listener_metrics.active -= 1
         if not self.connections and self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
 
+    def backend_metrics(self, cluster, backend):
+        """The metrics handle of C{backend} of C{cluster}, cached."""
+        handle = self._backend_metrics.get(backend)
+        if handle is None:
+            handle = self._backend_metrics[backend] = self.metrics.backend(
+                cluster.name, backend.address
+            )
+        return handle
+
     def request_done(self, conn: DownstreamConnection, ex) -> None:
-        """An exchange ended: write its access log line."""
+        """An exchange ended: count it and write its access log line."""
+        route = ex.route
+        (route.metrics if route is not None else self.no_route_metrics).observe(
+            ex.status, self.reactor.seconds() - ex.started if ex.started else 0.0
+        )
         if self.access_log is not None:
             self.access_log.write(self, conn, ex)
 

@@ -39,8 +39,13 @@ class ExampleTests(unittest.TestCase):
     def test_reference(self):
         """
         Every key of CONFIG.md is understood: the only complaints about the
-        reference file are features this version does not implement yet.
+        reference file are features this version does not implement yet, and
+        the certificate files of its imaginary site, which do not exist.
         """
         e = self.assertRaises(ConfigError, load_config, str(ETC / "examples" / "reference.yaml"))
         for line in e.errors:
-            self.assertTrue(line.endswith("is not implemented in this version of Balance"), line)
+            self.assertTrue(
+                line.endswith("is not implemented in this version of Balance")
+                or ": cannot read certs/" in line,
+                line,
+            )

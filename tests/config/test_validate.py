@@ -30,6 +30,18 @@ def check(text: str) -> model.Config:
 
 
 class ValidTests(unittest.TestCase):
+    def test_load_balancing(self):
+        """Every lb policy, sticky cookies and slow start are accepted."""
+        for lb in ("round_robin", "weighted_round_robin", "least_connections", "random",
+                   "power_of_two", "peak_ewma"):
+            config = check(GOOD + f"    lb: {lb}\n    sticky_cookie: srv\n    slow_start: 30s\n")
+            cluster = config.cluster("demo")
+            self.assertEqual((cluster.lb, cluster.sticky_cookie, cluster.slow_start),
+                             (lb, "srv", 30.0))
+        for lb in ("ring_hash", "maglev", "consistent_hash_bounded"):
+            config = check(GOOD + f"    lb: {lb}\n    hash_on: cookie:user\n    bounded_load: 1.5\n")
+            self.assertEqual(config.cluster("demo").hash_on, "cookie:user")
+
     def test_model(self):
         """A valid file becomes frozen model objects with defaults filled in."""
         config = check(GOOD + "whoami:\n  - {name: a, listen: 'tcp:9001'}\n")
@@ -280,6 +292,25 @@ class ErrorTests(unittest.TestCase):
             error,
             "t.yaml:11: clusters[0].lb: policy maglev needs hash_on "
             "(client_ip | header:NAME | cookie:NAME | path)",
+        )
+
+    def test_slow_start_not_for_hash_policies(self):
+        """slow_start with a hash policy is refused: ramps would move keys."""
+        [error] = self.errors(GOOD + "    lb: maglev\n    hash_on: path\n    slow_start: 30s\n")
+        self.assertEqual(
+            error,
+            "t.yaml:13: clusters[0].slow_start: slow_start does not apply to policy maglev, "
+            "which hashes keys to backends; use a policy that balances by weight or load, "
+            "or slow_start: 0s",
+        )
+
+    def test_sticky_cookie_name(self):
+        """A sticky cookie name must be a valid cookie name."""
+        [error] = self.errors(GOOD + '    sticky_cookie: "my cookie"\n')
+        self.assertEqual(
+            error,
+            "t.yaml:11: clusters[0].sticky_cookie: expected a cookie name "
+            "(letters, digits and !#$%&'*+-.^_`|~), got \"my cookie\"",
         )
 
     def test_choices(self):
