@@ -192,6 +192,39 @@ drain_timeout: 500ms
         self.assertEqual(code, 0, proc.output)
 
     @inlineCallbacks
+    def test_adminMetrics(self):
+        """
+        With an admin listener, a request through Balance shows in
+        /metrics under the CONFIG.md names, and /ready says ready.
+        """
+        curl = need_tool("curl")
+        path, port = self.shipped_config()
+        admin_port = twistd.free_port()
+        with open(path, "a") as f:
+            f.write(f'admin: {{listen: "tcp:{admin_port}:interface=127.0.0.1"}}\n')
+        proc = yield twistd.start(self, path, port)
+        yield wait_for(lambda: twistd.port_open(admin_port), what="the admin listener")
+        out, err, code = yield getProcessOutputAndValue(
+            curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{port}/"]
+        )
+        self.assertEqual(code, 0, err)
+        out, err, code = yield getProcessOutputAndValue(
+            curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{admin_port}/metrics"]
+        )
+        self.assertEqual(code, 0, err)
+        metrics = out.decode()
+        self.assertIn(
+            'balance_http_requests_total{cluster="whoami",code="200",listener="web",route="1"} 1.0',
+            metrics,
+        )
+        out, err, code = yield getProcessOutputAndValue(
+            curl, ["-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{admin_port}/ready"]
+        )
+        self.assertEqual(out, b"200")
+        proc.signal("TERM")
+        self.assertEqual((yield proc.ended), 0, proc.output)
+
+    @inlineCallbacks
     def test_systemdNotify(self):
         """
         Under systemd (Type=notify) Balance says READY=1 once it listens and
