@@ -61,12 +61,15 @@ class Backend:
 
     Load-balancing policies read C{eligible}, C{weight} and C{active};
     health checks write C{healthy}, outlier detection C{ejected}, the admin
-    API C{drained}; L{balance.cluster.cluster.Cluster} keeps C{active} and
-    C{healthy_since}.
+    API C{drained}, the backend's circuit breaker C{circuit_open}, the
+    cluster's panic monitor C{panic}; L{balance.cluster.cluster.Cluster}
+    keeps C{active} and C{healthy_since}.
 
-    C{eligible} is a plain attribute kept up to date by the C{healthy},
-    C{ejected} and C{drained} setters, because every pick of every policy
-    reads it.
+    C{eligible} is a plain attribute kept up to date by the setters of
+    those flags, because every pick of every policy reads it::
+
+        eligible = not drained and not circuit_open
+                   and (panic or (healthy and not ejected))
 
     @ivar model: The configured backend this one was built from.
     @ivar address: C{"host:port"} as the user wrote it; the name used in
@@ -80,8 +83,9 @@ class Backend:
         from resolving a host name.
     @ivar weight: Relative share of traffic, at least 1.
     @ivar active: Connections (tcp) or requests (http) in flight.
-    @ivar eligible: Whether new work may go to this backend: healthy, not
-        ejected and not drained.  Read-only for everyone but the setters.
+    @ivar eligible: Whether new work may go to this backend: not drained,
+        its breaker not open, and healthy and not ejected (or the cluster
+        in panic).  Read-only for everyone but the setters.
     @ivar healthy_since: When the backend last became healthy or was added
         to a running cluster, in the cluster clock's seconds;
         C{float("-inf")} for backends there from the start.  Slow start
@@ -92,6 +96,11 @@ class Backend:
         starts slow start.
     @ivar endpoint: The L{IStreamClientEndpoint} that connects to it, built
         once; L{None} for backends that policies only reason about.
+    @ivar breaker: Its L{balance.cluster.breaker.BackendBreaker}, given by
+        the cluster; L{None} for backends that policies only reason about.
+    @ivar on_change: Called with the backend after C{healthy}, C{ejected}
+        or C{drained} changed (the cluster's panic monitor); L{None} or a
+        callable.
     """
 
     __slots__ = (
@@ -107,9 +116,13 @@ class Backend:
         "healthy_since",
         "on_recovery",
         "endpoint",
+        "breaker",
+        "on_change",
         "_healthy",
         "_ejected",
         "_drained",
+        "_circuit_open",
+        "_panic",
     )
 
     def __init__(
@@ -139,9 +152,13 @@ class Backend:
         self.healthy_since = _NEVER
         self.on_recovery: Callable[[Backend], object] | None = None
         self.endpoint = endpoint
+        self.breaker = None
+        self.on_change: Callable[[Backend], object] | None = None
         self._healthy = True
         self._ejected = False
         self._drained = False
+        self._circuit_open = False
+        self._panic = False
         self.eligible = True
 
     @classmethod
@@ -178,10 +195,13 @@ class Backend:
     @healthy.setter
     def healthy(self, value: bool) -> None:
         recovered = value and not self._healthy
+        changed = bool(value) != self._healthy
         self._healthy = bool(value)
         self._update()
         if recovered and self.on_recovery is not None:
             self.on_recovery(self)
+        if changed and self.on_change is not None:
+            self.on_change(self)
 
     @property
     def ejected(self) -> bool:
@@ -194,10 +214,13 @@ class Backend:
     @ejected.setter
     def ejected(self, value: bool) -> None:
         returned = self._ejected and not value
+        changed = bool(value) != self._ejected
         self._ejected = bool(value)
         self._update()
         if returned and self.on_recovery is not None:
             self.on_recovery(self)
+        if changed and self.on_change is not None:
+            self.on_change(self)
 
     @property
     def drained(self) -> bool:
@@ -206,11 +229,45 @@ class Backend:
 
     @drained.setter
     def drained(self, value: bool) -> None:
+        changed = bool(value) != self._drained
         self._drained = bool(value)
+        self._update()
+        if changed and self.on_change is not None:
+            self.on_change(self)
+
+    @property
+    def circuit_open(self) -> bool:
+        """
+        L{True} while the backend's circuit breaker gets no work through:
+        open, or half-open with its probe request in flight.  Overrides
+        panic: a backend that refuses connections gets nothing.
+        """
+        return self._circuit_open
+
+    @circuit_open.setter
+    def circuit_open(self, value: bool) -> None:
+        self._circuit_open = bool(value)
+        self._update()
+
+    @property
+    def panic(self) -> bool:
+        """
+        L{True} while the cluster is in panic (see L{balance.cluster.panic}):
+        the backend is eligible whatever its health and ejection say.
+        """
+        return self._panic
+
+    @panic.setter
+    def panic(self, value: bool) -> None:
+        self._panic = bool(value)
         self._update()
 
     def _update(self) -> None:
-        self.eligible = self._healthy and not self._ejected and not self._drained
+        self.eligible = (
+            not self._drained
+            and not self._circuit_open
+            and (self._panic or (self._healthy and not self._ejected))
+        )
 
     def __repr__(self) -> str:
         flags = "" if self._healthy else " unhealthy"
@@ -218,4 +275,8 @@ class Backend:
             flags += " ejected"
         if self._drained:
             flags += " drained"
+        if self._circuit_open:
+            flags += " circuit-open"
+        if self._panic:
+            flags += " panic"
         return f"<Backend {self.name} active={self.active}{flags}>"

@@ -111,11 +111,20 @@ class CircuitBreakers:
 
     def try_acquire_request(self) -> bool:
         """Take a request slot before the first try of a request."""
-        return self._requests.acquire()
+        # Once per request: _Gauge.acquire inlined.
+        gauge = self._requests
+        if gauge.count >= gauge.maximum:
+            gauge.overflows += 1
+            return False
+        gauge.count += 1
+        return True
 
     def release_request(self) -> None:
         """A request ended, however it ended."""
-        self._requests.release("request")
+        gauge = self._requests
+        if gauge.count <= 0:
+            raise RuntimeError("release_request without a matching try_acquire_request")
+        gauge.count -= 1
 
     def count(self, limit: Limit) -> int:
         """How many units of C{limit} are in use."""
@@ -197,6 +206,9 @@ class BackendBreaker:
     C{max_open_duration}; closing resets it.
 
     :ivar state: the L{BreakerState}.
+    :ivar failures: consecutive failures counted while closed.  Read-only
+        outside; with a L{Permit.GRANTED} permit, C{record(True)} changes
+        nothing while it is 0 (the HTTP path skips the call then).
     :ivar available: whether L{allow} would grant work right now: closed, or
         half-open with no probe in flight.  A plain attribute; its changes
         are reported to C{on_available}, so that C{Backend.eligible} can
@@ -216,7 +228,7 @@ class BackendBreaker:
         "_on_change",
         "_on_available",
         "_name",
-        "_failures",
+        "failures",
         "_reopens",
         "_probing",
         "_timer",
@@ -260,7 +272,7 @@ class BackendBreaker:
         self._on_change = on_change
         self._on_available = on_available
         self._name = name
-        self._failures = 0
+        self.failures = 0
         self._reopens = 0
         self._probing = False
         self._timer: IDelayedCall | None = None
@@ -297,17 +309,17 @@ class BackendBreaker:
         state = self.state
         if state is BreakerState.CLOSED:
             if ok:
-                self._failures = 0
+                self.failures = 0
                 return
-            self._failures += 1
-            if self._failures >= self.threshold:
+            self.failures += 1
+            if self.failures >= self.threshold:
                 self._open(_Event.TRIPPED)
             return
         if state is BreakerState.HALF_OPEN and permit is Permit.PROBE and self._probing:
             self._probing = False
             if ok:
                 self._reopens = 0
-                self._failures = 0
+                self.failures = 0
                 self._set_available(True)
                 self._transition(_Event.PROBE_SUCCEEDED)
             else:
@@ -371,7 +383,7 @@ class BackendBreaker:
                 previous=old.value,
                 event=event.value,
                 duration=duration,
-                failures=self._failures,
+                failures=self.failures,
             )
         else:
             self.log.info(

@@ -1,11 +1,13 @@
 # -*- test-case-name: tests.cluster.test_cluster -*-
 """
-A running cluster: its backends, its load-balancing policy, and connecting
-to a backend with failover to the next one.
+A running cluster: its backends, its load-balancing policy, its
+resilience state (circuit breakers, outlier detection, panic threshold),
+and connecting to a backend with failover to the next one.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Mapping
 
@@ -17,13 +19,30 @@ from twisted.python.failure import Failure
 
 from balance.cluster import lb
 from balance.cluster.backend import Backend, is_ip_literal
+from balance.cluster.breaker import BackendBreaker, BreakerState, CircuitBreakers, Permit
 from balance.cluster.lb.keys import key_function
+from balance.cluster.outlier import OutlierDetector
+from balance.cluster.panic import PanicMonitor, count
 from balance.cluster.resolve import DEFAULT_INTERVAL, DEFAULT_TIMEOUT, Resolver
+from balance.cluster.retry import Outcome
 from balance.cluster.slow_start import SlowStart
 from balance.cluster.sticky import StickyCookie, derive_secret
 from balance.config import model
 
 _NO_CONTEXT: Mapping[str, object] = {}
+
+#: Consecutive failed tries (connect failure, reset, timeout) that open a
+#: backend's circuit breaker.
+BREAKER_THRESHOLD = 5
+#: Seconds a backend's breaker stays open the first time; each failed probe
+#: doubles it, up to L{BREAKER_MAX_OPEN}.
+BREAKER_OPEN = 5.0
+BREAKER_MAX_OPEN = 60.0
+
+# What counts against a backend's breaker: the backend did not answer.  A
+# 5xx is an answer (the backend is reachable): it is outlier detection's
+# and the retry policy's business, not the breaker's.
+_BREAKER_FAILURES = frozenset({Outcome.CONNECT_FAILURE, Outcome.RESET, Outcome.TIMEOUT})
 
 
 class NoBackendAvailable(Exception):
@@ -89,9 +108,21 @@ class Cluster:
     @ivar sticky: The L{StickyCookie} of C{sticky_cookie:}, or L{None}.
     @ivar slow_start: The L{SlowStart} of C{slow_start:}, or L{None}.
     @ivar watchers: Callables called with the new C{backends} each time DNS
-        changes the set, after the policy and the sticky cookie have taken
-        it (health checks, outlier detection and connection pools follow
-        the set through this).
+        changes the set, after the policy, the sticky cookie, outlier
+        detection and the breakers have taken it (health checks and
+        connection pools follow the set through this).
+    @ivar breakers: The L{CircuitBreakers} of C{circuit_breaker:} (always
+        present: the config has defaults).
+    @ivar outlier: The L{OutlierDetector} of C{outlier_detection:}, or
+        L{None}.
+    @ivar panic: The L{PanicMonitor} of C{panic_threshold:}; it sets
+        C{panic} on every backend when the cluster enters or leaves panic.
+    @ivar health: The L{balance.cluster.health.HealthChecker} of
+        C{health_check:} once the service has attached one (see
+        L{attach_health}), else L{None}.
+    @ivar measures_latency: Whether the policy weighs latency, so that
+        callers measure it for L{finished} (otherwise they need not read
+        the clock).
     """
 
     log = Logger()
@@ -131,8 +162,22 @@ class Cluster:
         self._addresses: dict[str, tuple[str, ...]] = {}
         self.slow_start = SlowStart(cluster.slow_start) if cluster.slow_start > 0 else None
         self.watchers: list[Callable[[tuple[Backend, ...]], object]] = []
+        self.breakers = CircuitBreakers(cluster.circuit_breaker)
+        self.panic = PanicMonitor(cluster.name, cluster.panic_threshold)
+        self.health = None
+        self.measures_latency = cluster.lb in lb.LATENCY_POLICIES
         self.backends: tuple[Backend, ...] = ()
         self.backends = self._build()
+        self.outlier = (
+            OutlierDetector(
+                cluster.outlier_detection,
+                reactor,
+                self.backends,
+                cluster.name,
+            )
+            if cluster.outlier_detection is not None
+            else None
+        )
         self.policy = lb.make(
             cluster.lb,
             self.backends,
@@ -152,6 +197,9 @@ class Cluster:
             if cluster.sticky_cookie
             else None
         )
+        # The policies shipped read backend.active themselves; a policy
+        # that keeps its own counts says so by not being in this set.
+        self._load_hooks = cluster.lb not in lb.ACTIVE_READERS
         self._hash_on = cluster.hash_on if cluster.lb in lb.HASH_POLICIES else None
         self._key = key_function(self._hash_on) if self._hash_on else None
 
@@ -226,7 +274,26 @@ class Cluster:
             backend = sticky.from_request(headers, exclude)
             if backend is not None:
                 return backend
-        return self.policy.pick(self.request_key(client_ip, headers, path), exclude)
+        key = self._key
+        if key is None:
+            return self.policy.pick(None, exclude)
+        return self.policy.pick(key(client_ip, headers, path), exclude)
+
+    def _admit(self, key, exclude) -> tuple[Backend | None, Permit]:
+        """
+        Pick a backend for a connection (L{connect}) whose breaker lets it
+        through: C{(backend, permit)}, or C{(None, DENIED)}.
+        """
+        skipped: list[Backend] = []
+        while True:
+            backend = self.policy.pick(key, [*exclude, *skipped] if skipped else exclude)
+            if backend is None:
+                return None, Permit.DENIED
+            breaker = backend.breaker
+            permit = Permit.GRANTED if breaker is None else breaker.allow()
+            if permit:
+                return backend, permit
+            skipped.append(backend)
 
     # Accounting.
 
@@ -236,7 +303,8 @@ class Cluster:
         starts: it counts in C{backend.active} until L{finished}.
         """
         backend.active += 1
-        self.policy.started(backend)
+        if self._load_hooks:
+            self.policy.started(backend)
 
     def finished(self, backend: Backend, latency: float | None = None) -> None:
         """
@@ -247,13 +315,68 @@ class Cluster:
             response head, when it was measured; fed to the policy.
         """
         backend.active -= 1
-        self.policy.finished(backend)
+        if self._load_hooks:
+            self.policy.finished(backend)
         if latency is not None:
             self.policy.observe(backend, latency)
 
     def observe(self, backend: Backend, latency: float) -> None:
         """Feed a latency sample of C{backend} (seconds) to the policy."""
         self.policy.observe(backend, latency)
+
+    # Resilience.
+
+    def record(self, backend: Backend, outcome: Outcome, permit: Permit = Permit.GRANTED) -> None:
+        """
+        Note how one try to C{backend} ended: its breaker counts connect
+        failures, resets and timeouts (a response, even a 5xx, closes it
+        again), and outlier detection, when configured, every outcome.
+
+        @param permit: What C{backend.breaker.allow()} granted the try.
+        """
+        breaker = backend.breaker
+        if breaker is not None:
+            breaker.record(outcome not in _BREAKER_FAILURES, permit)
+        if self.outlier is not None:
+            self.outlier.record(backend, outcome)
+
+    def retry_after(self) -> int:
+        """
+        Whole seconds a client refused because no backend is eligible
+        should wait before trying again (C{Retry-After}): the soonest of
+        the health check interval (when a backend is down), the end of the
+        first ejection, and the end of the first open breaker's period;
+        at least 1.
+        """
+        hints = []
+        backends = [b for b in self.backends if not b.drained]
+        check = self.model.health_check
+        if check is not None and any(not b.healthy for b in backends):
+            hints.append(check.interval)
+        if self.outlier is not None:
+            ejected = self.outlier.next_return()
+            if ejected is not None:
+                hints.append(ejected)
+        for b in backends:
+            breaker = b.breaker
+            if breaker is not None and breaker.state is not BreakerState.CLOSED:
+                hints.append(breaker.retry_after())
+        return max(1, math.ceil(min(hints))) if hints else 1
+
+    def attach_health(self, checker) -> None:
+        """
+        Make C{checker} (a L{balance.cluster.health.HealthChecker} over
+        C{backends}) this cluster's, following DNS changes of the set.
+        """
+        self.health = checker
+        self.watchers.append(checker.update)
+
+    def _backend_changed(self, backend: Backend) -> None:
+        """A backend's health, ejection or drain changed: panic or not?"""
+        panic = self.panic.update(*count(self.backends))
+        if panic != backend.panic:
+            for b in self.backends:
+                b.panic = panic
 
     def connect(
         self,
@@ -335,20 +458,37 @@ class Cluster:
         return self._resolver.start()
 
     def stop(self) -> None:
-        """Stop resolving host names; the backends stay as they are."""
+        """
+        Stop resolving host names and cancel the timers of outlier
+        ejections and open breakers (the cluster is being torn down); the
+        backends stay as they are otherwise.
+        """
         if self._resolver is not None:
             self._resolver.stop()
             self._resolver = None
+        if self.outlier is not None:
+            self.outlier.stop()
+        for backend in self.backends:
+            if backend.breaker is not None:
+                backend.breaker.stop()
 
     def _resolved(self, host: str, addresses: tuple[str, ...]) -> None:
         self._addresses[host] = addresses
         backends = self._build()
         if backends == self.backends:
             return
+        gone = set(self.backends).difference(backends)
         self.backends = backends
         self.policy.update(backends)
         if self.sticky is not None:
             self.sticky.update(backends)
+        if self.outlier is not None:
+            self.outlier.update(backends)
+        for backend in gone:
+            if backend.breaker is not None:
+                backend.breaker.stop()
+        if backends:
+            self._backend_changed(backends[0])
         for watcher in self.watchers:
             try:
                 watcher(backends)
@@ -392,6 +532,15 @@ class Cluster:
     def _new_backend(self, config, ip, starting, placeholder, sibling) -> Backend:
         backend = Backend.build(config, self._reactor, self.model.connect_timeout, ip)
         backend.on_recovery = self._recovered
+        backend.breaker = BackendBreaker(
+            BREAKER_THRESHOLD,
+            BREAKER_OPEN,
+            self._reactor,
+            BREAKER_MAX_OPEN,
+            name=f"backend {backend.name} in cluster {self.name}",
+            on_available=_CircuitFlag(backend),
+        )
+        backend.panic = self.panic.active
         if placeholder is not None:
             # The name resolved for the first time: its addresses take
             # over from the backend that connected through the name.
@@ -403,6 +552,7 @@ class Cluster:
             if sibling is not None:
                 backend.drained = sibling.drained
             self._recovered(backend)
+        backend.on_change = self._backend_changed
         return backend
 
     def _recovered(self, backend: Backend) -> None:
@@ -411,6 +561,18 @@ class Cluster:
             self.slow_start.begin(backend, now)
         else:
             backend.healthy_since = now
+
+
+class _CircuitFlag:
+    """A breaker's C{on_available} hook: keeps C{backend.circuit_open}."""
+
+    __slots__ = ("_backend",)
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def __call__(self, available: bool) -> None:
+        self._backend.circuit_open = not available
 
 
 class _Attempts:
@@ -452,8 +614,9 @@ class _Attempts:
         failed, if any, for the log line.
         """
         backend = None
+        permit = Permit.DENIED
         if len(self._tried) < self._max:
-            backend = self._cluster.pick(self._key, self._tried)
+            backend, permit = self._cluster._admit(self._key, self._tried)
         why = None if reason is None else describe(reason)
         if failed is not None:
             self._cluster.log.warn(
@@ -480,21 +643,25 @@ class _Attempts:
         attempt.addCallbacks(
             self._connected,
             self._failed,
-            callbackArgs=(backend,),
-            errbackArgs=(backend,),
+            callbackArgs=(backend, permit),
+            errbackArgs=(backend, permit),
         )
 
-    def _connected(self, protocol, backend: Backend) -> None:
+    def _connected(self, protocol, backend: Backend, permit: Permit) -> None:
         self._pending = None
         cluster = self._cluster
         cluster.observe(backend, max(0.0, cluster._reactor.seconds() - self._began))
+        cluster.record(backend, Outcome.SUCCESS, permit)
         self.result.callback((backend, protocol))
 
-    def _failed(self, reason: Failure, backend: Backend) -> None:
+    def _failed(self, reason: Failure, backend: Backend, permit: Permit) -> None:
         self._pending = None
         self._cluster.release(backend)
         if self._cancelled:
+            if backend.breaker is not None:
+                backend.breaker.release(permit)
             return
+        self._cluster.record(backend, Outcome.CONNECT_FAILURE, permit)
         self.next(backend, reason)
 
     def _cancel(self, result: Deferred) -> None:

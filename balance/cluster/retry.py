@@ -114,11 +114,15 @@ class RetryPolicy:
     :ivar per_try_timeout: seconds one try may take before the proxy
         abandons it (and retries it if the policy says so), or L{None} for
         no per-try limit (the route timeout still applies).
+    :ivar lowest_status: the lowest response status C{retry.on} names (600
+        when none): a response below it is never retried, which the proxy
+        can tell without asking.
     """
 
     __slots__ = (
         "attempts",
         "per_try_timeout",
+        "lowest_status",
         "_outcomes",
         "_statuses",
         "_any_5xx",
@@ -136,6 +140,7 @@ class RetryPolicy:
         self.attempts = config.attempts
         self.per_try_timeout = config.per_try_timeout
         self._outcomes, self._statuses, self._any_5xx = _matcher(config.on)
+        self.lowest_status = min(self._statuses | ({500} if self._any_5xx else set()), default=600)
         self._base = config.backoff.base
         self._max = max(config.backoff.max, config.backoff.base)
         self._random = random if random is not None else _random.Random()

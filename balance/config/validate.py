@@ -721,18 +721,11 @@ unsupported(
     lambda li: li.limits.max_connections_per_ip is not None,
     "max_connections_per_ip",
 )
-unsupported(("clusters", "health_check"), lambda c: c.health_check is not None, "health_check")
-unsupported(
-    ("clusters", "outlier_detection"),
-    lambda c: c.outlier_detection is not None,
-    "outlier_detection",
-)
 unsupported(
     ("clusters", "send_proxy_protocol"),
     lambda c: c.send_proxy_protocol is not None,
     "send_proxy_protocol",
 )
-unsupported(("routes", "retry"), lambda r: r.retry is not None, "retry")
 unsupported(("routes", "websocket"), lambda r: r.websocket, "websocket")
 unsupported(
     ("routes", "websocket_max_message_bytes"),
@@ -742,7 +735,6 @@ unsupported(
 unsupported(
     ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
 )
-unsupported(("", "admin"), lambda c: c.admin is not None, "the admin API")
 unsupported(("", "workers"), lambda c: c.workers != 1, "more than one worker")
 unsupported(("", "tracing"), lambda c: c.tracing is not None, "tracing")
 

@@ -148,16 +148,15 @@ class DownstreamConnection(Protocol):
         ex = self._active
         self._active = None
         self._queue = None
-        if ex is not None and not ex.response_done:
-            ex.response_done = True
-            conn = ex.upstream
-            if conn is not None:
-                ex.upstream = None
-                conn.abort()
-            ex.reason = ex.reason or "client closed the connection"
-            if not ex.status:
-                ex.status = 499
-            self.ctx.request_done(self, ex)
+        if ex is not None:
+            if not ex.response_done:
+                ex.abandon()
+                ex.reason = ex.reason or "client closed the connection"
+                if not ex.status:
+                    ex.status = 499
+                self.ctx.request_done(self, ex)
+            else:
+                ex.abandon()
         self.ctx.connection_lost(self)
 
     # -- output --------------------------------------------------------------------

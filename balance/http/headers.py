@@ -90,7 +90,9 @@ def request_head(ex, client_ip: bytes, proto: bytes) -> bytes:
     return b"".join(parts)
 
 
-def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> bytes:
+def response_head(
+    ex, status: int, phrase: bytes, headers, draining: bool, set_cookie: bytes | None = None
+) -> bytes:
     """
     The head Balance sends downstream for a backend's response, choosing
     the framing of the body on the way.
@@ -98,6 +100,9 @@ def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> by
     Sets on C{ex}: C{chunked_out} (re-chunk the body for the client),
     C{until_close} (the backend ends the body by closing) and
     C{close_after} (the client connection must close after this response).
+
+    :param set_cookie: the value of a C{Set-Cookie} field Balance adds (the
+        cluster's sticky cookie), or L{None}.
     """
     route = ex.route
     remove = route.response_remove
@@ -160,6 +165,8 @@ def response_head(ex, status: int, phrase: bytes, headers, draining: bool) -> by
     append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
     for name, value in setters:
         append(name + b": " + value + b"\r\n")
+    if set_cookie is not None:
+        append(b"Set-Cookie: " + set_cookie + b"\r\n")
     if ex.close_after or not ex.keep_alive or draining:
         ex.close_after = True
         append(b"Connection: close\r\n\r\n")

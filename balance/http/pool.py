@@ -33,6 +33,8 @@ class BackendPool:
 
     :ivar backend: the runtime backend the connections go to.
     :ivar idle: idle connections, most recently used last.
+    :ivar closed: the backend left its cluster: connections handed back
+        are closed rather than kept.
     """
 
     log = Logger()
@@ -45,6 +47,7 @@ class BackendPool:
         self.idle: list[UpstreamConnection] = []
         self._factory = _UpstreamFactory(self)
         self._sweeper = None
+        self.closed = False
 
     def take(self) -> UpstreamConnection | None:
         """
@@ -73,7 +76,7 @@ class BackendPool:
         Take back C{conn} after a complete exchange: keep it idle for reuse,
         or close it when the pool is full.
         """
-        if len(self.idle) >= self.max_idle or not conn.usable():
+        if len(self.idle) >= self.max_idle or self.closed or not conn.usable():
             conn.close()
             return
         conn.idle_since = self._reactor.seconds()
@@ -140,3 +143,38 @@ class PoolSet:
         """Close the idle connections of every pool."""
         for pool in self._pools.values():
             pool.close_idle()
+
+    def drop(self, backends) -> None:
+        """
+        Forget the pools of C{backends}, which left their cluster: their
+        idle connections are closed, and connections in use are closed
+        when handed back.
+        """
+        for backend in backends:
+            pool = self._pools.get(id(backend))
+            if pool is not None and pool.backend is backend:
+                del self._pools[id(backend)]
+                pool.closed = True
+                pool.close_idle()
+
+    def watch(self, cluster) -> None:
+        """
+        Follow C{cluster}'s backend set (DNS changes): drop the pools of
+        the backends it removes.  (Pools are keyed by C{id(backend)}, which
+        a new backend could reuse once the removed one is gone.)
+        """
+        cluster.watchers.append(_ClusterWatch(self, cluster.backends))
+
+
+class _ClusterWatch:
+    """A cluster watcher dropping the pools of removed backends."""
+
+    def __init__(self, pools: PoolSet, backends):
+        self._pools = pools
+        self._known = tuple(backends)
+
+    def __call__(self, backends) -> None:
+        gone = set(self._known).difference(backends)
+        self._known = tuple(backends)
+        if gone:
+            self._pools.drop(gone)

@@ -8,10 +8,21 @@ An L{Exchange} is created by the downstream connection for every request and
 talks to two peers: the L{balance.http.h1.DownstreamConnection} it came from
 (to write the response) and the L{balance.http.upstream.UpstreamConnection}
 it borrowed (to write the request).
+
+Resilience, per request: the cluster's circuit breakers cap requests,
+waiting requests and connections (503 beyond); each try is counted on its
+backend (C{backend.active}, for the load-aware policies), its outcome fed
+to the backend's breaker and to outlier detection; a route with C{retry:}
+gets per-try timeouts and retries with backoff within its budget (state in
+L{_Tries}, allocated only for such routes); without C{retry:} a backend
+that refuses a connection is skipped and the next one tried at once, as
+nothing was sent.
 """
 
 from __future__ import annotations
 
+from balance.cluster.breaker import BreakerState, Permit
+from balance.cluster.retry import MAX_REPLAY_BODY, Outcome
 from balance.http import message
 from balance.http.upstream import describe_failure
 from balance.ratelimit.limiter import Decision
@@ -24,6 +35,13 @@ _VIA = b"1.1 balance"
 # written as they come (they fit in the socket buffers anyway), which saves
 # registering a producer per request.
 _STREAM_THRESHOLD = 64 * 1024
+
+_SUCCESS = Outcome.SUCCESS
+_STATUS_5XX = Outcome.STATUS_5XX
+_DENIED = Permit.DENIED
+_GRANTED = Permit.GRANTED
+_PROBE = Permit.PROBE
+_CLOSED = BreakerState.CLOSED
 
 
 def local_response(status: int, body: bytes, close: bool, extra: bytes = b"") -> bytes:
@@ -60,6 +78,54 @@ ERROR_BODIES = {
 }
 
 
+class _Tries:
+    """
+    The retry state of one request on a route with C{retry:}.
+
+    :ivar policy: the route's L{balance.cluster.retry.RetryPolicy}.
+    :ivar budget: the route's L{balance.cluster.retry.RetryBudget}.
+    :ivar count: tries started so far.
+    :ivar retrying: the try in flight (or the backoff before it) is a retry
+        counted in the budget.
+    :ivar route_deadline: when the route's C{timeout} expires.
+    :ivar try_deadline: when the try in flight exceeds C{per_try_timeout}
+        (0 when there is none).  The exchange's C{deadline} is the earlier
+        of the two: the downstream connection's one timer serves both, so a
+        per-try timeout costs no timer of its own.
+    :ivar backoff: the delayed call of the next try, or L{None}.
+    :ivar connecting: the connection attempt of the try in flight, or
+        L{None}.
+    :ivar kept: the request body so far, kept to replay it on another
+        try; L{None} once it is larger than L{MAX_REPLAY_BODY}.
+    :ivar timed_out: the per-try timeout cancelled the connection attempt.
+    """
+
+    __slots__ = (
+        "policy",
+        "budget",
+        "count",
+        "retrying",
+        "route_deadline",
+        "try_deadline",
+        "backoff",
+        "connecting",
+        "kept",
+        "timed_out",
+    )
+
+    def __init__(self, policy, budget, kept):
+        self.policy = policy
+        self.budget = budget
+        self.count = 0
+        self.retrying = False
+        self.route_deadline = 0.0
+        self.try_deadline = 0.0
+        self.backoff = None
+        self.connecting = None
+        self.kept = kept
+        self.timed_out = False
+
+
 class Exchange:
     """
     One request and its response.
@@ -69,6 +135,8 @@ class Exchange:
 
     :ivar reason: why the exchange ended the way it did, for the access log
         (empty when all went well).
+    :ivar permit: what the breaker of C{backend} granted the try in flight
+        (L{Permit.DENIED} once its outcome is recorded).
     """
 
     __slots__ = (
@@ -109,6 +177,11 @@ class Exchange:
         "_streaming_up",
         "_streaming_down",
         "_body_sent",
+        "permit",
+        "rs",
+        "t_sent",
+        "_slot",
+        "_counted",
     )
 
     def __init__(self, downstream):
@@ -149,6 +222,14 @@ class Exchange:
         self._streaming_up = False
         self._streaming_down = False
         self._body_sent = False
+        self.permit = _DENIED
+        # The retry state (_Tries), for routes with retry: only.
+        self.rs = None
+        self.t_sent = 0.0
+        # Holding a request slot of the cluster's breakers (until _end).
+        self._slot = False
+        # The try in flight counts in backend.active (until _end_try).
+        self._counted = False
 
     # -- starting ------------------------------------------------------------
 
@@ -216,67 +297,277 @@ class Exchange:
                 close,
             )
             return
-        self.cluster = ctx.clusters[route.cluster]
+        cluster = ctx.clusters[route.cluster]
+        if not cluster.breakers.try_acquire_request():
+            self.fail(503, "circuit breaker open (max_requests)")
+            return
+        self.cluster = cluster
+        self._slot = True
         self.deadline = ctx.reactor.seconds() + (
             route.timeout if route.timeout is not None else ctx.default_timeout
         )
         down.arm(self.deadline)
+        if ctx.retry_policies:
+            retry = ctx.retry_policies.get(route)
+            if retry is not None:
+                self._start_tries(*retry)
         if self.expect_continue and not self.request_done:
             down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._pick()
 
+    def _start_tries(self, policy, budget) -> None:
+        budget.request_started()
+        kept = None
+        if self.content_length <= MAX_REPLAY_BODY and self.body_received <= MAX_REPLAY_BODY:
+            # What arrived before routing (nothing was sent yet).
+            kept = list(self.body)
+        self.rs = rs = _Tries(policy, budget, kept)
+        rs.route_deadline = self.deadline
+
     def _pick(self) -> None:
-        backend = self.cluster.pick(None, self.tried or ())
+        """Start a try: choose a backend, then a pooled or a new connection."""
+        cluster = self.cluster
+        down = self.downstream
+        tried = self.tried
+        backend = cluster.pick_request(down.client_ip, self.headers, self.path, tried or ())
+        rs = self.rs
+        if backend is None and tried and rs is not None:
+            # A retry with every other backend tried: the same ones again.
+            backend = cluster.pick_request(down.client_ip, self.headers, self.path)
+        if backend is not None:
+            breaker = backend.breaker
+            # allow() of a closed breaker, inlined: GRANTED.
+            permit = _GRANTED if breaker.state is _CLOSED else breaker.allow()
+            if not permit:
+                backend, permit = self._past_breakers(backend)
         if backend is None:
-            if self.tried:
+            if tried:
                 # Every backend was tried and refused: the last error stands.
                 self.fail(self.status or 502, self.reason or "all backends failed")
             else:
-                self.fail(503, "no healthy backend")
+                self.fail(
+                    503,
+                    "no eligible backend",
+                    b"Retry-After: %d\r\n" % (cluster.retry_after(),),
+                )
             return
         self.backend = backend
-        self.pool = self.downstream.ctx.pools.get(backend, self.cluster.model.pool)
+        self.permit = permit
+        cluster.started(backend)
+        self._counted = True
+        if rs is not None:
+            rs.count += 1
+            timeout = rs.policy.per_try_timeout
+            if timeout is not None:
+                rs.try_deadline = deadline = down.ctx.reactor.seconds() + timeout
+                if deadline < rs.route_deadline:
+                    self.deadline = deadline
+                    down.arm(deadline)
+        self.pool = down.ctx.pools.get(backend, cluster.model.pool)
         conn = self.pool.take()
         if conn is not None:
             self._send(conn)
+            return
+        self._connect()
+
+    def _past_breakers(self, backend):
+        """
+        C{backend}'s breaker refused: pick among the others whose breaker
+        lets the try through.
+
+        :return: C{(backend, permit)}, or C{(None, DENIED)}.
+        """
+        down = self.downstream
+        exclude = set(self.tried or ())
+        while backend is not None:
+            exclude.add(backend)
+            backend = self.cluster.pick_request(down.client_ip, self.headers, self.path, exclude)
+            if backend is not None:
+                permit = backend.breaker.allow()
+                if permit:
+                    return backend, permit
+        return None, _DENIED
+
+    def _connect(self) -> None:
+        """Open a new connection to C{self.backend}, within the breakers' limits."""
+        breakers = self.cluster.breakers
+        if not breakers.try_acquire_pending():
+            self.fail(503, "circuit breaker open (max_pending)")
+            return
+        if not breakers.try_acquire_connection():
+            breakers.release_pending()
+            self.fail(503, "circuit breaker open (max_connections)")
             return
         self.attempts += 1
         # Do not read a request body we have nowhere to put yet.  Paused
         # first: an endpoint may connect synchronously, and the connection
         # resumes reading once it has taken what we hold.
         self.downstream.pause_reading()
-        (
-            self.pool.connect()
-            .addCallback(self._connected)
-            .addErrback(self._connect_failed, backend)
+        pool = self.pool
+        d = pool.connect()
+        if self.rs is not None:
+            self.rs.connecting = d
+        d.addCallbacks(
+            self._connected,
+            self._connect_failed,
+            callbackArgs=(pool, breakers),
+            errbackArgs=(self.backend, breakers),
         )
 
-    def _connected(self, conn) -> None:
+    def _connected(self, conn, pool, breakers) -> None:
+        breakers.release_pending()
+        # The connection holds its slot until it closes.
+        conn.breakers = breakers
+        if self.rs is not None:
+            self.rs.connecting = None
         if self.response_done or self.downstream.gone:
             # The client went away (or was answered) while we connected:
             # the fresh connection is still good for someone else.
-            self.pool.release(conn)
+            pool.release(conn)
             return
         self._send(conn)
 
-    def _connect_failed(self, failure, backend) -> None:
+    def _connect_failed(self, failure, backend, breakers) -> None:
+        breakers.release_pending()
+        breakers.release_connection()
+        rs = self.rs
+        if rs is not None:
+            rs.connecting = None
         if self.response_done or self.downstream.gone:
             return
-        if self.tried is None:
-            self.tried = set()
-        self.tried.add(backend)
         why = describe_failure(failure)
+        if rs is not None and rs.timed_out:
+            rs.timed_out = False
+            why = "connect timeout (per_try_timeout)"
         self.downstream.ctx.backend_metrics(self.cluster, backend).connect_failures += 1
+        self._end_try(Outcome.CONNECT_FAILURE)
         self.reason = "%s: %s" % (backend.address, why)
-        self.status = 504 if why == "connect timeout" else 502
-        self._pick()
+        self.status = 504 if why.startswith("connect timeout") else 502
+        if rs is None:
+            # Nothing was sent: the next backend, at once.
+            self._pick()
+        elif self._may_retry(Outcome.CONNECT_FAILURE, False):
+            self._schedule_retry(False)
+        else:
+            self.fail(self.status, self.reason)
         # Outside of any dataReceived: nothing else sends the error answer.
         self.downstream.flush()
+
+    # -- tries ----------------------------------------------------------------
+
+    def _end_try(self, outcome: Outcome | None = None) -> None:
+        """
+        The try in flight is over: count it off its backend, and feed its
+        C{outcome} to the breaker and outlier detection (L{None}: it was
+        abandoned, or its outcome was already recorded).  A backend that
+        failed is not tried again while others are left.
+        """
+        if not self._counted:
+            return
+        self._counted = False
+        backend = self.backend
+        cluster = self.cluster
+        permit = self.permit
+        self.permit = _DENIED
+        if outcome is not None:
+            cluster.record(backend, outcome, permit)
+            if outcome is not _SUCCESS:
+                if self.tried is None:
+                    self.tried = set()
+                self.tried.add(backend)
+        elif permit is _PROBE:
+            backend.breaker.release(permit)
+        cluster.finished(backend)
+        rs = self.rs
+        if rs is not None:
+            if rs.try_deadline:
+                self._clear_try_deadline(rs)
+            if rs.retrying:
+                rs.retrying = False
+                rs.budget.retry_finished()
+
+    def _may_retry(self, outcome: Outcome, sent: bool, status: int = 0) -> bool:
+        """
+        Whether the try that just ended gets another one: the route's
+        policy (attempts, method, replayable body, C{on:}) and its budget.
+        """
+        rs = self.rs
+        if rs.retrying:
+            # This try's own claim on the budget is over.
+            rs.retrying = False
+            rs.budget.retry_finished()
+        replayable = not sent or (self.request_done and rs.kept is not None)
+        if not rs.policy.should_retry(rs.count, outcome, self.method, sent, status, replayable):
+            return False
+        if not rs.budget.can_retry():
+            self.reason = (self.reason + " " if self.reason else "") + "(retry budget exhausted)"
+            return False
+        return True
+
+    def _schedule_retry(self, sent: bool) -> None:
+        """Start the backoff before the next try, on another backend if there is one."""
+        rs = self.rs
+        rs.budget.retry_started()
+        rs.retrying = True
+        if sent:
+            # The body goes again, from the copy kept.
+            self.body = list(rs.kept)
+            self._body_sent = False
+        rs.backoff = self.downstream.ctx.reactor.callLater(
+            rs.policy.delay(rs.count), self._next_try
+        )
+
+    def _next_try(self) -> None:
+        self.rs.backoff = None
+        if self.response_done or self.downstream.gone:
+            return
+        self._pick()
+        self.downstream.flush()
+
+    def _try_timed_out(self) -> None:
+        """The try in flight took longer than C{retry.per_try_timeout}."""
+        rs = self.rs
+        self._clear_try_deadline(rs)
+        d = rs.connecting
+        if d is not None:
+            # Not even connected: nothing was sent, so this is a connect
+            # failure (_connect_failed takes it from here).
+            rs.timed_out = True
+            d.cancel()
+            return
+        conn = self.upstream
+        if conn is None or self.response_started:
+            return
+        self._detach(conn)
+        conn.abort()
+        self.reason = "per_try_timeout waiting for %s" % (self.backend.address,)
+        self.status = 504
+        self._end_try(Outcome.TIMEOUT)
+        if self._may_retry(Outcome.TIMEOUT, True):
+            self._schedule_retry(True)
+        else:
+            self.fail(504, self.reason)
+        self.downstream.flush()
+
+    def _clear_try_deadline(self, rs: _Tries) -> None:
+        """The try in flight got its response head, or ended: only the route's deadline is left."""
+        rs.try_deadline = 0.0
+        self.deadline = rs.route_deadline
+
+    def _detach(self, conn) -> None:
+        """Stop using C{conn} (it is closed by the caller)."""
+        self.upstream = None
+        if self._streaming_down:
+            self._stop_streaming_down(conn)
+        if self._streaming_up:
+            self._stop_streaming_up(conn)
 
     def _send(self, conn) -> None:
         """Write the request head and what we hold of the body to C{conn}."""
         self.upstream = conn
         conn.attach(self, self.method == b"HEAD")
+        if self.cluster.measures_latency:
+            self.t_sent = self.downstream.ctx.reactor.seconds()
         conn.write(self.downstream.ctx.request_head(self))
         if self.body:
             for chunk in self.body:
@@ -295,6 +586,12 @@ class Exchange:
     def request_body(self, chunk: bytes) -> None:
         """A piece of the request body arrived from the client."""
         self.body_received += len(chunk)
+        rs = self.rs
+        if rs is not None and rs.kept is not None:
+            if self.body_received > MAX_REPLAY_BODY:
+                rs.kept = None
+            else:
+                rs.kept.append(chunk)
         conn = self.upstream
         if conn is None:
             self.body.append(chunk)
@@ -352,16 +649,42 @@ class Exchange:
         """The backend's response head was parsed."""
         if conn is not self.upstream:
             return
+        down = self.downstream
+        backend = self.backend
+        cluster = self.cluster
+        down.ctx.backend_metrics(cluster, backend).observe(status)
+        outcome = _SUCCESS if status < 500 else _STATUS_5XX
+        rs = self.rs
+        if rs is not None:
+            if rs.try_deadline:
+                self._clear_try_deadline(rs)
+            if status >= rs.policy.lowest_status and self._may_retry(outcome, True, status):
+                # Not for the client: the rest of this response is dropped
+                # with its connection, and another try goes.
+                self._detach(conn)
+                conn.abort()
+                self.status = status
+                self.reason = "%s: status %d" % (backend.address, status)
+                self._end_try(outcome)
+                self._schedule_retry(True)
+                return
+        permit = self.permit
+        if permit is not _GRANTED or backend.breaker.failures or cluster.outlier is not None:
+            # Else the breaker would change nothing: skip the calls.
+            cluster.record(backend, outcome, permit)
+        self.permit = _DENIED
+        if cluster.measures_latency:
+            cluster.observe(backend, down.ctx.reactor.seconds() - self.t_sent)
         self.status = status
         self.response_started = True
-        self.downstream.ctx.backend_metrics(self.cluster, self.backend).observe(status)
         if not self.request_done:
             # An answer before the whole request: the rest of the body
             # cannot be told apart from a next request, so this is the last
             # response on the connection, and the head says so.
             self.close_after = True
-        down = self.downstream
-        down.write(down.ctx.response_head(self, status, reason, headers))
+        sticky = cluster.sticky
+        cookie = None if sticky is None else sticky.set_cookie_for(self.headers, backend)
+        down.write(down.ctx.response_head(self, status, reason, headers, cookie))
 
     def _stream_down(self, conn) -> None:
         if not self._streaming_down:
@@ -404,6 +727,8 @@ class Exchange:
             conn.close()
 
     def _finish(self) -> None:
+        if self._slot:
+            self._end()
         self.response_done = True
         if not self.request_done:
             # The answer came before the whole request: the rest of the body
@@ -419,11 +744,7 @@ class Exchange:
         """
         if conn is not self.upstream:
             return
-        self.upstream = None
-        if self._streaming_down:
-            self._stop_streaming_down(conn)
-        if self._streaming_up:
-            self._stop_streaming_up(conn)
+        self._detach(conn)
         if (
             conn.reused
             and not self.response_started
@@ -433,45 +754,94 @@ class Exchange:
             and self.attempts < 2
         ):
             # Most likely the backend closed the idle connection just as we
-            # reused it; nothing can have been processed twice.
-            self.attempts += 1
-            self.downstream.resume_reading()
-            (
-                self.pool.connect()
-                .addCallback(self._connected)
-                .addErrback(self._connect_failed, self.backend)
-            )
+            # reused it; nothing can have been processed twice.  The same
+            # try goes on, on a fresh connection.
+            self._connect()
             return
         self.reason = "%s: %s" % (self.backend.address, why)
         if self.response_started:
             # Part of the response is out: the only honest signal left is to
             # cut the client connection.
+            self._end_try(Outcome.RESET)
             self.response_done = True
+            self._end()
             self.downstream.abort()
+            return
+        self._end_try(Outcome.RESET)
+        if self.rs is not None and self._may_retry(Outcome.RESET, True):
+            self.status = status
+            self._schedule_retry(True)
             return
         self.fail(status, self.reason)
 
     def timed_out(self) -> None:
-        """The route's timeout expired before the response was complete."""
+        """
+        The exchange's C{deadline} passed: the try's C{per_try_timeout}
+        (see L{_try_timed_out}), or the route's timeout before the response
+        was complete, which counts as a failed try and is never retried.
+        """
+        rs = self.rs
+        if (
+            rs is not None
+            and rs.try_deadline
+            and self.downstream.ctx.reactor.seconds() < rs.route_deadline
+        ):
+            self._try_timed_out()
+            return
         conn = self.upstream
         self.reason = "timeout waiting for %s" % (
             self.backend.address if self.backend is not None else "a backend"
         )
         if conn is not None:
-            self.upstream = None
-            if self._streaming_down:
-                self._stop_streaming_down(conn)
-            if self._streaming_up:
-                self._stop_streaming_up(conn)
+            self._detach(conn)
             conn.abort()
+        self._end_try(Outcome.TIMEOUT)
         if self.response_started:
             self.response_done = True
+            self._end()
             self.downstream.abort()
             return
         self.fail(504, self.reason)
 
-    def fail(self, status: int, reason: str) -> None:
-        """Answer the client with an error status, closing when unsure."""
+    def abandon(self) -> None:
+        """
+        The client connection is gone: drop the upstream side, and give
+        back what the exchange holds (request slot, try, budget).
+        """
+        if not self.response_done:
+            self.response_done = True
+            conn = self.upstream
+            if conn is not None:
+                self.upstream = None
+                conn.abort()
+        if self._slot:
+            self._end()
+
+    def _end(self) -> None:
+        """The exchange is over, however it ended: give back what it holds."""
+        self._slot = False
+        if self._counted:
+            self._end_try()
+        rs = self.rs
+        if rs is not None:
+            backoff = rs.backoff
+            if backoff is not None:
+                rs.backoff = None
+                if backoff.active():
+                    backoff.cancel()
+            if rs.retrying:
+                rs.retrying = False
+                rs.budget.retry_finished()
+            rs.budget.request_finished()
+        self.cluster.breakers.release_request()
+
+    def fail(self, status: int, reason: str, extra: bytes = b"") -> None:
+        """
+        Answer the client with an error status, closing when unsure.
+
+        :param extra: further header lines (C{Retry-After}), each ending
+            in CRLF.
+        """
         self.reason = reason
         conn = self.upstream
         if conn is not None:
@@ -481,7 +851,9 @@ class Exchange:
             conn.abort()
         close = not self.request_done or status in (400, 408, 413, 431)
         self.respond_locally(
-            local_response(status, ERROR_BODIES.get(status, b"Error\n"), close or self.close_after),
+            local_response(
+                status, ERROR_BODIES.get(status, b"Error\n"), close or self.close_after, extra
+            ),
             status,
             reason,
             close,

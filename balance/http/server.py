@@ -11,6 +11,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from balance.acl import CidrMatcher
+from balance.cluster.retry import RetryBudget, RetryPolicy
 from balance.config import model
 from balance.http import headers
 from balance.http.h1 import DownstreamConnection
@@ -33,6 +34,8 @@ class HTTPContext:
     :ivar metrics: the process's L{Metrics}; C{listener_metrics} is this
         listener's handle in it.
     :ivar acl: the listener's address ACL, or L{None} when it has none.
+    :ivar retry_policies: C{{route: (RetryPolicy, RetryBudget)}} for the
+        routes with C{retry:}; empty when none has.
     """
 
     def __init__(
@@ -58,11 +61,17 @@ class HTTPContext:
         self.acl = None if acl.empty else acl
         self.router = Router(listener.routes, default_cluster=listener.cluster)
         store = rate_limit_store
+        self.retry_policies: dict = {}
         for route in self.router.routes:
             route.metrics = metrics.route(listener.name, route.label, route.cluster)
             config = route.config
             if config.allow:
                 route.acl = CidrMatcher(config.allow, ())
+            if config.retry is not None and route.cluster is not None:
+                self.retry_policies[route] = (
+                    RetryPolicy(config.retry),
+                    RetryBudget(config.retry.budget),
+                )
             if config.rate_limit is not None:
                 if store is None:
                     store = build_store(None, reactor)
@@ -89,9 +98,13 @@ class HTTPContext:
         """The request head for the backend; see L{headers.request_head}."""
         return headers.request_head(ex, ex.downstream.client_ip, self.proto)
 
-    def response_head(self, ex, status: int, phrase: bytes, response_headers) -> bytes:
+    def response_head(
+        self, ex, status: int, phrase: bytes, response_headers, set_cookie: bytes | None = None
+    ) -> bytes:
         """The response head for the client; see L{headers.response_head}."""
-        return headers.response_head(ex, status, phrase, response_headers, self.draining)
+        return headers.response_head(
+            ex, status, phrase, response_headers, self.draining, set_cookie
+        )
 
     # -- connection bookkeeping -------------------------------------------------------
 

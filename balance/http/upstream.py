@@ -40,6 +40,8 @@ class UpstreamConnection(Protocol):
         failure before any response byte may then be the backend having
         closed it while idle, which is worth one retry on a fresh one).
     :ivar idle_since: when it was last returned to its pool.
+    :ivar breakers: the L{balance.cluster.breaker.CircuitBreakers} whose
+        connection slot this connection holds until it closes, or L{None}.
     """
 
     __slots__ = (
@@ -61,6 +63,7 @@ class UpstreamConnection(Protocol):
         "_wbuf",
         "_complete",
         "client_full",
+        "breakers",
     )
 
     def __init__(self, pool):
@@ -73,6 +76,7 @@ class UpstreamConnection(Protocol):
         self._closed = False
         self._wbuf = []
         self.client_full = False
+        self.breakers = None
         self._reset()
 
     def _reset(self):
@@ -130,6 +134,10 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason):
         self._closed = True
+        breakers = self.breakers
+        if breakers is not None:
+            self.breakers = None
+            breakers.release_connection()
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
@@ -220,7 +228,9 @@ class UpstreamConnection(Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self):
-        if self._complete:
+        if self._complete or self.exchange is None:
+            # A second response, or one the exchange let go of (aborted
+            # from inside this very parse, e.g. to retry on its status).
             raise _Unsolicited()
         status = self._parser.get_status_code()
         if status < 200:
@@ -238,7 +248,11 @@ class UpstreamConnection(Protocol):
         self.exchange.response_head(self, status, self._reason, self._headers)
 
     def on_body(self, body: bytes):
-        self.exchange.response_body(body)
+        exchange = self.exchange
+        if exchange is not None:
+            # None: the exchange dropped this response (a status it
+            # retries) from inside the parse that brought the body too.
+            exchange.response_body(body)
 
     def on_message_complete(self):
         if self._skip:

@@ -105,3 +105,31 @@ class PoolSetTests(SynchronousTestCase):
         self.assertIs(pools.get(first, settings), pool)
         self.assertIsNot(pools.get(second, settings), pool)
         self.assertEqual((pool.max_idle, pool.idle_timeout), (3, 5.0))
+
+    def test_dropped_with_its_backend(self):
+        """
+        A backend that leaves its cluster (DNS) takes its pool with it: idle
+        connections close, connections in use close when handed back, and a
+        new pool starts for a backend that comes later.
+        """
+
+        class Cluster:
+            def __init__(self, backends):
+                self.backends = backends
+                self.watchers = []
+
+        settings = model.Pool(max_idle_per_backend=3, idle_timeout=5.0)
+        pools = PoolSet(Clock())
+        kept, gone = object(), object()
+        cluster = Cluster((kept, gone))
+        pools.watch(cluster)
+        pool, kept_pool = pools.get(gone, settings), pools.get(kept, settings)
+        idle, busy = FakeConnection("idle"), FakeConnection("busy")
+        pool.release(idle)
+        for watcher in cluster.watchers:
+            watcher((kept,))
+        self.assertFalse(idle.open)
+        pool.release(busy)
+        self.assertFalse(busy.open)
+        self.assertIs(pools.get(kept, settings), kept_pool)
+        self.assertIsNot(pools.get(gone, settings), pool)

@@ -465,12 +465,17 @@ class UpstreamErrorTests(ProxyTestCase):
         self.app.mode = "timeout"
         self.assert_answered(self.request(get()), 504)
 
-    def test_no_healthy_backend(self):
-        """With no eligible backend, the answer is 503 and nothing is tried."""
+    def test_no_eligible_backend(self):
+        """
+        With no eligible backend (all drained), the answer is 503 with a
+        Retry-After, and nothing is tried.
+        """
         for cluster in self.proxy.clusters.values():
             for backend in cluster.backends:
-                backend.healthy = False
-        self.assert_answered(self.request(get()), 503)
+                backend.drained = True
+        client = self.request(get())
+        self.assert_answered(client, 503)
+        self.assertEqual(client.responses()[0].header(b"retry-after"), b"1")
         self.assertEqual(self.app.attempts, 0)
 
     def test_route_timeout(self):

@@ -578,7 +578,7 @@ class ErrorTests(BalanceTestCase):
               - {{name: refused, backends: ["127.0.0.1:{closed_port()}"]}}
               - {{name: reset, backends: ["127.0.0.1:{reset_port}"]}}
               - {{name: garbage, backends: ["127.0.0.1:{garbage_port}"]}}
-              - {{name: down, backends: ["127.0.0.1:{who}"]}}
+              - {{name: down, backends: ["127.0.0.1:{who}"], panic_threshold: 0%}}
               - {{name: silent, backends: ["127.0.0.1:{silent_port}"]}}
               - {{name: hole, backends: ["127.0.0.1:{hole}"], connect_timeout: 300ms}}
               - {{name: who, backends: ["127.0.0.1:{who}"]}}

@@ -39,6 +39,14 @@ POLICIES = {
 #: The policies that hash a key (and need C{hash_on}).
 HASH_POLICIES = frozenset({"ring_hash", "maglev", "consistent_hash_bounded"})
 
+#: The policies that weigh the latency fed to C{observe}: the HTTP path
+#: reads the clock for them only.
+LATENCY_POLICIES = frozenset({"peak_ewma"})
+
+#: The policies whose C{started}/C{finished} do nothing (they read
+#: C{backend.active}, which the cluster keeps): the cluster skips the calls.
+ACTIVE_READERS = frozenset(POLICIES) - {"consistent_hash_bounded"}
+
 #: The policies that honour C{slow_start}: all but the hash policies, whose
 #: keys would move with the weights.
 SLOW_START_POLICIES = frozenset(POLICIES) - HASH_POLICIES
@@ -68,7 +76,9 @@ def make(name: str, backends, options: Options | None = None) -> ILoadBalancer:
 
 
 __all__ = [
+    "ACTIVE_READERS",
     "HASH_POLICIES",
+    "LATENCY_POLICIES",
     "POLICIES",
     "SLOW_START_POLICIES",
     "ConsistentHashBounded",

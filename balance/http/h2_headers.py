@@ -1,0 +1,333 @@
+# -*- test-case-name: tests.http.test_h2_headers -*-
+"""
+HTTP/2 header lists in and out of an L{balance.http.proxy.Exchange}: a
+client's request fields checked and turned into what an HTTP/1.1 backend
+gets, and a response (a backend's, or Balance's own) turned into the field
+list of a HEADERS frame.
+
+The C{h2} library's own header validation is switched off (it costs a
+quarter of its time per request, byte by byte in Python); the checks here
+refuse everything it would have refused that matters when a request goes
+on as HTTP/1.1, which is the request smuggling surface of a downgrade:
+
+  - names that are empty, not tokens, or not lower case; values with NUL,
+    CR, LF (or any other control character but HTAB), or with leading or
+    trailing whitespace: each could split or forge a header or a request
+    line on the HTTP/1.1 side;
+  - connection-specific fields (C{connection}, C{keep-alive},
+    C{proxy-connection}, C{transfer-encoding}, C{upgrade}, and C{te} other
+    than C{trailers}): HTTP/2 has no use for them, and an HTTP/1.1 backend
+    would frame the body by C{transfer-encoding};
+  - pseudo-header rules: only C{:method}, C{:scheme}, C{:authority},
+    C{:path}, each at most once, all before the regular fields; C{:method}
+    a token, C{:path} origin-form (or C{*} for OPTIONS) without space,
+    control characters or fragment; C{:authority} and C{host} agreeing;
+  - C{content-length} that is not one decimal number.  (The C{h2} library
+    itself checks DATA against C{content-length}, always: more or less than
+    announced is a connection error, so a short or long body never reaches
+    a backend.)
+
+Everything here is pure and works on bytes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from balance.http.message import HOP_BY_HOP, NO_BODY_STATUS, connection_tokens, valid_host
+
+__all__ = [
+    "RequestError",
+    "read_request",
+    "response_fields",
+    "local_fields",
+    "route_reply",
+]
+
+# As in HTTP/1.1 (balance.http.h1): more fields than this is a 431.
+MAX_FIELDS = 128
+
+_VIA = b"1.1 balance"
+
+_TCHAR = rb"!#$%&'*+\-.^_`|~0-9a-z"
+# Regular field names joined by "\n": each a non-empty lower-case token.
+_NAMES = re.compile(rb"[%s]+(?:\n[%s]+)*\Z" % (_TCHAR, _TCHAR))
+# Field values joined by "\0" (the count of "\0" is checked apart): no
+# control character but HTAB, no whitespace at either end of a value.
+_BAD_VALUES = re.compile(rb"[\x01-\x08\x0a-\x1f\x7f]|(?:^|\x00)[ \t]|[ \t](?:\x00|\Z)")
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# An origin-form target: visible ASCII, no fragment.
+_PATH = re.compile(rb"/[!-\"$-~]*\Z")
+
+# Request field names handled one by one; every other name is copied.
+_PSEUDO = 1
+_HOST = 2
+_LENGTH = 3
+_COOKIE = 4
+_TE = 5
+_EXPECT = 6
+_CONNECTION = 7
+_SPECIAL = {
+    b":method": _PSEUDO,
+    b":scheme": _PSEUDO,
+    b":path": _PSEUDO,
+    b":authority": _PSEUDO,
+    b"host": _HOST,
+    b"content-length": _LENGTH,
+    b"cookie": _COOKIE,
+    b"te": _TE,
+    b"expect": _EXPECT,
+    b"connection": _CONNECTION,
+    b"keep-alive": _CONNECTION,
+    b"proxy-connection": _CONNECTION,
+    b"transfer-encoding": _CONNECTION,
+    b"upgrade": _CONNECTION,
+}
+
+_STATUS = {code: b"%d" % code for code in range(100, 600)}
+_TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
+_RESPONSE_SPECIAL = HOP_BY_HOP | {b"via", b"content-length"}
+
+
+class RequestError(Exception):
+    """
+    A request that must not be forwarded: answer C{status} on its stream.
+
+    :ivar reason: why, for the access log.
+    """
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+def read_request(ex, fields, max_header_bytes: int, max_body_bytes: int) -> bool:
+    """
+    Check a request's header list and fill in C{ex} as the HTTP/1.1 parser
+    would have: C{method}, C{target}, C{path}, C{host}, C{headers} (what the
+    backend gets: the regular fields, C{host} first when only
+    C{:authority} gave it, cookies joined into one field as RFC 9113 8.2.3
+    asks), C{content_length} and C{expect_continue}.  Body framing towards
+    the backend (C{content-length} or chunked) is the caller's to choose,
+    once it knows whether a body follows.
+
+    :param fields: the decoded header list, C{(name, value)} pairs of bytes.
+    :return: whether the request has a C{content-length}.
+    :raise RequestError: the request is malformed (400), too large (413,
+        431), or asks for what Balance does not do (405, 417, 501).
+    """
+    if len(fields) > MAX_FIELDS:
+        raise RequestError(431, "more than %d request header fields" % (MAX_FIELDS,))
+    method = scheme = path = authority = host = length = None
+    cookies = None
+    headers = []
+    append = headers.append
+    special = _SPECIAL.get
+    pseudo = 0
+    regular_special = False
+    for field in fields:
+        name = field[0]
+        kind = special(name)
+        if kind is None:
+            if name[:1] == b":":
+                raise RequestError(400, "pseudo-header field %r" % (name,))
+            append(field)
+            continue
+        value = field[1]
+        if kind == _PSEUDO:
+            if headers or regular_special:
+                raise RequestError(400, "pseudo-header field after a regular field")
+            pseudo += 1
+            if name == b":method":
+                if method is not None:
+                    raise RequestError(400, "repeated :method")
+                method = value
+            elif name == b":path":
+                if path is not None:
+                    raise RequestError(400, "repeated :path")
+                path = value
+            elif name == b":scheme":
+                if scheme is not None:
+                    raise RequestError(400, "repeated :scheme")
+                scheme = value
+            else:
+                if authority is not None:
+                    raise RequestError(400, "repeated :authority")
+                authority = value
+            continue
+        regular_special = True
+        if kind == _HOST:
+            if host is not None:
+                raise RequestError(400, "more than one host field")
+            host = value
+            append(field)
+        elif kind == _LENGTH:
+            if not value.isdigit() or (length is not None and value != length):
+                raise RequestError(400, "invalid content-length")
+            if length is None:
+                length = value
+                append(field)
+        elif kind == _COOKIE:
+            if cookies is None:
+                cookies = [value]
+            else:
+                cookies.append(value)
+        elif kind == _TE:
+            # RFC 9113 8.2.2: "trailers" only; TE is hop-by-hop either way.
+            if value.lower() != b"trailers":
+                raise RequestError(400, "te other than trailers")
+        elif kind == _EXPECT:
+            if value.lower() != b"100-continue":
+                raise RequestError(417, "unsupported expect: %r" % (value,))
+            ex.expect_continue = True
+        else:
+            raise RequestError(400, "connection-specific field %s" % (name.decode("ascii"),))
+
+    size = 0
+    if pseudo < len(fields):
+        # One pass in C over every regular name, and one over every value,
+        # rather than a loop per field: these are the smuggling checks.
+        regular = fields[pseudo:] if pseudo else fields
+        names = b"\n".join([f[0] for f in regular])
+        if _NAMES.match(names) is None:
+            raise RequestError(400, "invalid header field name")
+        values = b"\x00".join([f[1] for f in regular])
+        if values.count(b"\x00") != len(regular) - 1:
+            raise RequestError(400, "NUL in a header field value")
+        if _BAD_VALUES.search(values) is not None:
+            raise RequestError(400, "invalid header field value")
+        # As HTTP/1.1 counts a head: "name: value\r\n" per field.
+        size = len(names) + len(values) + 3 * len(regular)
+
+    if method is None or path is None or scheme is None:
+        if method == b"CONNECT":
+            raise RequestError(405, "CONNECT is not supported")
+        raise RequestError(400, "missing :method, :scheme or :path")
+    if _METHOD.match(method) is None:
+        raise RequestError(400, "invalid :method")
+    if scheme != b"https" and scheme != b"http":
+        raise RequestError(400, "unsupported :scheme %r" % (scheme,))
+    if path == b"*":
+        if method != b"OPTIONS":
+            raise RequestError(400, "asterisk-form :path with %s" % (method.decode(),))
+    elif _PATH.match(path) is None:
+        raise RequestError(400, "invalid :path")
+    size += len(method) + len(path)
+    if authority is not None:
+        if host is not None and host != authority:
+            raise RequestError(400, "host field differs from :authority")
+        size += len(authority)
+        if host is None:
+            headers.insert(0, (b"host", authority))
+        host = authority
+    elif host is None:
+        raise RequestError(400, "missing :authority and host")
+    if not host or not valid_host(host):
+        raise RequestError(400, "invalid :authority or host")
+    if cookies is not None:
+        cookie = cookies[0] if len(cookies) == 1 else b"; ".join(cookies)
+        headers.append((b"cookie", cookie))
+    if size > max_header_bytes:
+        raise RequestError(431, "request head larger than max_header_bytes")
+    if length is not None:
+        ex.content_length = int(length)
+        if ex.content_length > max_body_bytes:
+            raise RequestError(413, "content-length above max_body_bytes")
+    ex.method = method
+    ex.target = path
+    query = path.find(b"?")
+    ex.path = path if query < 0 else path[:query]
+    ex.host = host
+    ex.headers = headers
+    return length is not None
+
+
+def response_fields(ex, status: int, headers, set_cookie: bytes | None = None) -> list:
+    """
+    The fields of the HEADERS frame for a backend's response, with the same
+    rewriting as L{balance.http.headers.response_head}: hop-by-hop fields
+    and those C{Connection} names dropped, C{via} appended to, the route's
+    edits applied, names lower-cased.  Sets C{ex.until_close} when the
+    backend ends the body by closing (which the upstream side needs).
+
+    :param headers: the backend's fields, C{(name, value)} pairs of bytes.
+    :param set_cookie: the value of a C{set-cookie} field Balance adds (the
+        cluster's sticky cookie), or L{None}.
+    """
+    route = ex.route
+    remove = route.response_remove
+    out = [(b":status", _STATUS.get(status) or b"%d" % status)]
+    append = out.append
+    conn_values = via = length = None
+    chunked = te = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_SPECIAL:
+            if lname == b"content-length":
+                length = value
+            elif lname == b"connection":
+                conn_values = [value] if conn_values is None else conn_values + [value]
+            elif lname == b"transfer-encoding":
+                te = True
+                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
+            continue
+        if remove and lname in remove:
+            continue
+        append((lname, value))
+    if conn_values is not None:
+        tokens = connection_tokens(conn_values)
+        out = [f for f in out if f[0] not in tokens]
+    no_body = ex.method == b"HEAD" or status in NO_BODY_STATUS
+    if te:
+        length = None
+    if length is not None and status != 204:
+        out.append((b"content-length", length))
+    ex.until_close = not no_body and length is None and not chunked
+    out.append((b"via", via + b", " + _VIA if via else _VIA))
+    if route.response_set:
+        out.extend(route.response_set)
+    if set_cookie is not None:
+        out.append((b"set-cookie", set_cookie))
+    return out
+
+
+def local_fields(status: int, body: bytes, extra: bytes = b"") -> list:
+    """
+    The fields of a response Balance answers itself (as
+    L{balance.http.proxy.local_response} for HTTP/1.1).
+
+    :param extra: further header lines, each ending in CRLF (the 429's).
+    """
+    out = [
+        (b":status", _STATUS.get(status) or b"%d" % status),
+        _TEXT_PLAIN,
+        (b"content-length", b"%d" % len(body)),
+    ]
+    if extra:
+        for line in extra.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if sep:
+                out.append((name.strip().lower(), value.strip()))
+    return out
+
+
+def route_reply(reply: bytes) -> tuple[list, bytes]:
+    """
+    The fields and body of a C{direct_response} or C{redirect} route, from
+    the HTTP/1.1 bytes the router prepared
+    (L{balance.http.router.CompiledRoute.local_reply}); parsed once per
+    route and kept by the caller.
+    """
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    out = [(b":status", _STATUS.get(status) or b"%d" % status)]
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name not in HOP_BY_HOP:
+            out.append((name, value.strip()))
+    return out, body

@@ -1,0 +1,254 @@
+# -*- test-case-name: tests.http.test_h2_headers -*-
+"""
+HTTP/2 header lists in and out of an Exchange (L{balance.http.h2_headers}):
+what a backend gets for a request, what is refused, and what a client gets
+for a response.  Pure functions.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from balance.http.h2_headers import (
+    RequestError,
+    local_fields,
+    read_request,
+    response_fields,
+    route_reply,
+)
+from balance.http.proxy import Exchange
+
+_BASE = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"example.com:8443")]
+
+
+class _Route:
+    response_remove = frozenset()
+    response_set = ()
+
+
+def request(fields, max_header_bytes: int = 65536, max_body_bytes: int = 1 << 20):
+    ex = Exchange(None)
+    has_length = read_request(ex, fields, max_header_bytes, max_body_bytes)
+    return ex, has_length
+
+
+class ReadRequestTests(SynchronousTestCase):
+    def assert_refused(self, fields, status: int = 400) -> RequestError:
+        e = self.assertRaises(RequestError, request, fields)
+        self.assertEqual(e.status, status, (fields, e.reason))
+        return e
+
+    def test_fields(self):
+        """The pseudo-headers make the request line and Host; the rest is kept in order."""
+        ex, has_length = request(
+            _BASE + [(b":path", b"/a/b?c=d"), (b"accept", b"*/*"), (b"x-b", b"")]
+        )
+        self.assertEqual((ex.method, ex.target, ex.path), (b"GET", b"/a/b?c=d", b"/a/b"))
+        self.assertEqual(ex.host, b"example.com:8443")
+        self.assertEqual(
+            ex.headers, [(b"host", b"example.com:8443"), (b"accept", b"*/*"), (b"x-b", b"")]
+        )
+        self.assertFalse(has_length)
+
+    def test_host_field(self):
+        """A host field without :authority serves; with it, they must agree."""
+        fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"host", b"a")]
+        ex, _ = request(fields)
+        self.assertEqual((ex.host, ex.headers), (b"a", [(b"host", b"a")]))
+        ex, _ = request(_BASE + [(b":path", b"/"), (b"host", b"example.com:8443")])
+        self.assertEqual(ex.headers, [(b"host", b"example.com:8443")])
+        self.assert_refused(_BASE + [(b":path", b"/"), (b"host", b"evil.com")])
+        self.assert_refused(_BASE + [(b":path", b"/"), (b"host", b"a"), (b"host", b"a")])
+
+    def test_content_length(self):
+        ex, has_length = request(
+            _BASE + [(b":path", b"/"), (b"content-length", b"12"), (b"content-length", b"12")]
+        )
+        self.assertTrue(has_length)
+        self.assertEqual(ex.content_length, 12)
+        self.assertEqual([v for n, v in ex.headers if n == b"content-length"], [b"12"])
+        for bad in [[b"1x"], [b"-1"], [b"1", b"2"], [b""], [b" 1"]]:
+            self.assert_refused(_BASE + [(b":path", b"/")] + [(b"content-length", v) for v in bad])
+
+    def test_body_too_large(self):
+        self.assert_refused(_BASE + [(b":path", b"/"), (b"content-length", b"%d" % (2 << 20))], 413)
+
+    def test_head_too_large(self):
+        fields = _BASE + [(b":path", b"/")] + [(b"x-%d" % i, b"v" * 100) for i in range(100)]
+        self.assertRaises(RequestError, request, fields, 5000)
+        request(fields, 20000)
+
+    def test_too_many_fields(self):
+        self.assert_refused(_BASE + [(b":path", b"/")] + [(b"x-a", b"1")] * 200, 431)
+
+    def test_cookies(self):
+        ex, _ = request(
+            _BASE + [(b":path", b"/"), (b"cookie", b"a=1"), (b"x", b"y"), (b"cookie", b"b=2")]
+        )
+        self.assertEqual(ex.headers[-1], (b"cookie", b"a=1; b=2"))
+        self.assertEqual(len([n for n, _ in ex.headers if n == b"cookie"]), 1)
+
+    def test_expect(self):
+        ex, _ = request(_BASE + [(b":path", b"/"), (b"expect", b"100-Continue")])
+        self.assertTrue(ex.expect_continue)
+        self.assertNotIn(b"expect", [n for n, _ in ex.headers])
+        self.assert_refused(_BASE + [(b":path", b"/"), (b"expect", b"magic")], 417)
+
+    def test_te(self):
+        ex, _ = request(_BASE + [(b":path", b"/"), (b"te", b"trailers")])
+        self.assertEqual(ex.headers, [(b"host", b"example.com:8443")])
+        self.assert_refused(_BASE + [(b":path", b"/"), (b"te", b"trailers, gzip")])
+
+    def test_connection_specific(self):
+        for name in [
+            b"connection",
+            b"keep-alive",
+            b"proxy-connection",
+            b"transfer-encoding",
+            b"upgrade",
+        ]:
+            e = self.assert_refused(_BASE + [(b":path", b"/"), (name, b"x")])
+            self.assertIn(name.decode(), e.reason)
+
+    def test_values(self):
+        """Control characters but HTAB, and whitespace at the ends, are refused."""
+        for value in [
+            b"a\rb",
+            b"a\nb",
+            b"a\x00b",
+            b"\x00",
+            b"a\x7f",
+            b"a\x01",
+            b" a",
+            b"a ",
+            b"\ta",
+        ]:
+            self.assert_refused(_BASE + [(b":path", b"/"), (b"x-a", b"ok"), (b"x-b", value)])
+        request(_BASE + [(b":path", b"/"), (b"x-a", b"a\tb c"), (b"x-b", b"\xc3\xa9")])
+
+    def test_values_of_special_fields(self):
+        """The checks cover host, cookie, and every other field alike."""
+        self.assert_refused(_BASE + [(b":path", b"/"), (b"cookie", b"a=1\r\nx: y")])
+        self.assert_refused(
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"host", b"a\r\n")]
+        )
+
+    def test_names(self):
+        for name in [b"X-A", b"x a", b"x:a", b"", b"x\x00", b"\xc3\xa9", b"x(a)"]:
+            self.assert_refused(_BASE + [(b":path", b"/"), (name, b"1")])
+        request(_BASE + [(b":path", b"/"), (b"x-a_b.c~d!#$%&'*+^`|", b"1")])
+
+    def test_pseudo(self):
+        self.assert_refused(_BASE + [(b":path", b"/"), (b":path", b"/")])
+        self.assert_refused(_BASE + [(b":path", b"/"), (b":method", b"GET")])
+        self.assert_refused(_BASE + [(b"x", b"1"), (b":path", b"/")])
+        self.assert_refused(_BASE + [(b":path", b"/"), (b":protocol", b"websocket")])
+        self.assert_refused(_BASE + [(b":path", b"/"), (b":status", b"200")])
+        self.assert_refused([(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a")])
+
+    def test_paths(self):
+        for path in [b"", b"a", b"/a b", b"/a\tb", b"/#", b"/\x7f", b"/\xc3\xa9", b"http://a/"]:
+            self.assert_refused(_BASE + [(b":path", path)])
+        ex, _ = request(_BASE + [(b":path", b"/a%20b/~x?q=1&r=[2]")])
+        self.assertEqual(ex.path, b"/a%20b/~x")
+
+    def test_asterisk(self):
+        fields = [
+            (b":method", b"OPTIONS"),
+            (b":scheme", b"http"),
+            (b":authority", b"a"),
+            (b":path", b"*"),
+        ]
+        ex, _ = request(fields)
+        self.assertEqual(ex.target, b"*")
+        self.assert_refused(_BASE + [(b":path", b"*")])
+
+    def test_methods(self):
+        self.assert_refused([(b":method", b"CONNECT"), (b":authority", b"a:1")], 405)
+        self.assert_refused(
+            [(b":method", b"G(T"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+        )
+        ex, _ = request(
+            [
+                (b":method", b"PROPFIND"),
+                (b":scheme", b"http"),
+                (b":authority", b"a"),
+                (b":path", b"/"),
+            ]
+        )
+        self.assertEqual(ex.method, b"PROPFIND")
+
+    def test_authority(self):
+        for authority in [b"a b", b"user@host", b"a/b", b""]:
+            fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", authority)]
+            self.assert_refused(fields + [(b":path", b"/")])
+        self.assert_refused([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")])
+
+
+class ResponseFieldsTests(SynchronousTestCase):
+    def response(self, status, headers, method=b"GET", set_cookie=None):
+        ex = Exchange(None)
+        ex.method = method
+        ex.route = _Route()
+        return ex, response_fields(ex, status, headers, set_cookie)
+
+    def test_rewrite(self):
+        _, fields = self.response(
+            201,
+            [
+                (b"Content-Type", b"text/html"),
+                (b"Connection", b"close, X-Hop"),
+                (b"X-Hop", b"1"),
+                (b"Keep-Alive", b"timeout=5"),
+                (b"Via", b"1.0 other"),
+                (b"Content-Length", b"3"),
+                (b"Set-Cookie", b"a=1"),
+            ],
+            set_cookie=b"sticky=x",
+        )
+        self.assertEqual(
+            fields,
+            [
+                (b":status", b"201"),
+                (b"content-type", b"text/html"),
+                (b"set-cookie", b"a=1"),
+                (b"content-length", b"3"),
+                (b"via", b"1.0 other, 1.1 balance"),
+                (b"set-cookie", b"sticky=x"),
+            ],
+        )
+
+    def test_framing(self):
+        """until_close is set for a body that ends with the connection, as for HTTP/1.1."""
+        ex, fields = self.response(200, [(b"Transfer-Encoding", b"chunked")])
+        self.assertFalse(ex.until_close)
+        self.assertNotIn(b"transfer-encoding", dict(fields))
+        ex, _ = self.response(200, [])
+        self.assertTrue(ex.until_close)
+        ex, fields = self.response(200, [(b"Content-Length", b"5")], method=b"HEAD")
+        self.assertFalse(ex.until_close)
+        self.assertEqual(dict(fields)[b"content-length"], b"5")
+        ex, fields = self.response(204, [(b"Content-Length", b"0")])
+        self.assertNotIn(b"content-length", dict(fields))
+        self.assertFalse(ex.until_close)
+
+    def test_local(self):
+        self.assertEqual(
+            local_fields(429, b"Too Many\n", b"Retry-After: 3\r\nRateLimit-Policy: 10;w=1\r\n"),
+            [
+                (b":status", b"429"),
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"9"),
+                (b"retry-after", b"3"),
+                (b"ratelimit-policy", b"10;w=1"),
+            ],
+        )
+
+    def test_route_reply(self):
+        fields, body = route_reply(
+            b"HTTP/1.1 301 Moved Permanently\r\nlocation: /x\r\ncontent-length: 3\r\n\r\nabc"
+        )
+        self.assertEqual(
+            fields, [(b":status", b"301"), (b"location", b"/x"), (b"content-length", b"3")]
+        )
+        self.assertEqual(body, b"abc")
