@@ -13,6 +13,7 @@ from balance.cluster.cluster import Cluster
 from balance.cluster.service import ClusterService
 from balance.config import model
 from balance.http.server import HTTPContext, HTTPFactory
+from balance.http.sniff import HTTPProtocols
 from balance.l4.relay import L4ProxyFactory
 from balance.listener import ListenerService
 from balance.observe.accesslog import AccessLog
@@ -43,7 +44,9 @@ class Builder:
         """
         Make the runtime cluster of C{config} with its health checks and
         DNS service (started if C{root} runs).  Backends that C{previous}
-        had too keep their health, drain and ejection state.
+        had too keep their health and drain state (an ejection belongs to
+        the old cluster's outlier detector, which has the timer that ends
+        it, so it does not carry over).
         """
         cluster = Cluster(config, self._reactor)
         if previous is not None:
@@ -54,7 +57,6 @@ class Builder:
                     continue
                 backend.drained = old.drained
                 backend.healthy = old.healthy
-                backend.ejected = old.ejected
         root.pools.watch(cluster)
         service = ClusterService(cluster, self._reactor, on_check=root._health_checked(config.name))
         service.setServiceParent(root.cluster_services)
@@ -108,7 +110,9 @@ class Builder:
         if listener.tls is not None:
             # Beside its listener, before it: the listener stops (and drains)
             # first, then the TLS timers.
-            tls = root.tls[listener.name] = ServerTLS(listener, reactor)
+            tls = root.tls[listener.name] = ServerTLS(
+                listener, reactor, http2=listener.protocol == "http"
+            )
             tls.setServiceParent(root.listeners)
             factory = wrap_tls(tls, factory, reactor)
         svc = ListenerService(listener.listen, factory, reactor, root.config.drain_timeout)
@@ -132,6 +136,7 @@ class Builder:
             for conn in old.connections:
                 conn.ctx = new
             factory.context = new
+            factory.protocols = HTTPProtocols(new)
             factory.max_connections = listener.limits.max_connections
             if old.access_log is not None and old.access_log is not new.access_log:
                 old.access_log.close()

@@ -9,22 +9,25 @@ import gc
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from balance.admin import AdminService, IAdminTarget
+from balance.builder import Builder
+from balance.cluster.breaker import BreakerState
 from balance.cluster.cluster import Cluster
 from balance.config import model
 from balance.http.pool import PoolSet
-from balance.http.server import HTTPContext, HTTPFactory
-from balance.l4.relay import L4ProxyFactory
 from balance.listener import ListenerService
 from balance.observe.accesslog import AccessLog
 from balance.observe.metrics import Metrics
 from balance.ratelimit import build_store
+from balance.reload import Reloader
 from balance.sdnotify import notify
 from balance.tls.server import ServerTLS
-from balance.tls.transport import wrap as wrap_tls
 from balance.whoami import WhoamiFactory
 
 
+@implementer(IAdminTarget)
 class BalanceService(MultiService):
     """
     The root service of a running Balance.
@@ -34,15 +37,23 @@ class BalanceService(MultiService):
     upstreams outlive the connections still using them.
 
     @ivar clusters: The runtime clusters by name, shared by all listeners.
+    @ivar cluster_services: The L{ClusterService} of each cluster (health
+        checks, DNS), started before the listeners and stopped after they
+        drained.
     @ivar listeners: The listener services by listener name.
     @ivar tls: The L{ServerTLS} of each listener with C{tls}, by listener
         name; C{reload()} re-reads their certificate files.
+    @ivar ready: listeners are bound and the config loaded (C{/ready}).
+    @ivar draining: a stop has begun (C{/ready} answers 503).
+    @ivar reload: the reloader the admin API calls, or L{None}.
+    @ivar admin: the L{AdminService}, when the config has C{admin}.
     """
 
     log = Logger()
 
     def __init__(self, config: model.Config, reactor):
         super().__init__()
+        self._reactor = reactor
         self.config = config
         self.clusters: dict[str, Cluster] = {}
         self.pools = PoolSet(reactor)
@@ -51,16 +62,38 @@ class BalanceService(MultiService):
         self.metrics.add_backend_source(self._backend_states)
         self.rate_limit_store = build_store(config.rate_limit_store, reactor)
         self.tls: dict[str, ServerTLS] = {}
+        self.ready = False
+        self.draining = False
+        self.reload = None
+        self.admin = None
         self.listeners = MultiService()
         self.upstreams = MultiService()
+        self.cluster_services = MultiService()
         self.upstreams.setServiceParent(self)
+        self.cluster_services.setServiceParent(self)
         self.listeners.setServiceParent(self)
 
     def _backend_states(self):
         """Live backend gauges for the metrics: (cluster, backend, up, active, breaker open)."""
         for cluster in self.clusters.values():
             for backend in cluster.backends:
-                yield (cluster.name, backend.address, backend.healthy, backend.active, False)
+                breaker = backend.breaker
+                yield (
+                    cluster.name,
+                    backend.address,
+                    backend.healthy,
+                    backend.active,
+                    breaker is not None and breaker.state is not BreakerState.CLOSED,
+                )
+
+    def _health_checked(self, cluster: str):
+        """The C{on_check} hook of C{cluster}'s health checker: count each probe."""
+        metrics = self.metrics
+
+        def checked(backend, ok: bool, reason) -> None:
+            metrics.backend(cluster, backend.address).health_check("success" if ok else "failure")
+
+        return checked
 
     def startService(self):
         # Everything built so far (modules, config, clusters) lives as long
@@ -76,20 +109,34 @@ class BalanceService(MultiService):
             clusters=len(self.config.clusters),
         )
         super().startService()
-        # Listeners bind synchronously in startService: we are serving.
+        # Listeners bind synchronously in startService, but twistd calls it
+        # before the reactor runs: say READY once it does, after the signal
+        # handlers (installed from an earlier callWhenRunning) are in place.
+        self._reactor.callWhenRunning(self._serving)
+
+    def _serving(self) -> None:
+        self.ready = True
         notify("READY=1")
 
     @defer.inlineCallbacks
     def stopService(self):
         self.log.info("Balance stopping: draining listeners")
+        self.draining = True
         notify("STOPPING=1")
         if self.listeners.running:
             yield self.listeners.stopService()
+        if self.cluster_services.running:
+            # Health probes and DNS stop once no request needs them, and
+            # before the built-in upstreams they may be probing.
+            yield self.cluster_services.stopService()
         self.pools.close_idle()
         for access_log in self.access_logs:
             access_log.close()
         if self.upstreams.running:
             yield self.upstreams.stopService()
+        if self.admin is not None and self.admin.running:
+            # Last: /ready and /metrics answer through the whole drain.
+            yield self.admin.stopService()
         super(MultiService, self).stopService()
         self.log.info("Balance stopped")
 
@@ -100,42 +147,20 @@ def build(config: model.Config, reactor) -> BalanceService:
     built-in whoami upstream, and the clusters and pools they share.
     """
     root = BalanceService(config, reactor)
+    builder = Builder(reactor)
+    root.reload = Reloader(root, reactor, builder).reload
+    if config.admin is not None:
+        root.admin = AdminService(config.admin, root, reactor)
+        root.admin.setServiceParent(root)
     if hasattr(root.rate_limit_store, "setServiceParent"):
         # Redis: connect before the listeners accept.
         root.rate_limit_store.setServiceParent(root.upstreams)
     for c in config.clusters:
-        root.clusters[c.name] = Cluster(c, reactor)
+        root.clusters[c.name] = builder.cluster(root, c)
     for w in config.whoami:
         svc = ListenerService(w.listen, WhoamiFactory(w.name, reactor), reactor, 0)
         svc.setName(f"whoami:{w.name}")
         svc.setServiceParent(root.upstreams)
     for listener in config.listeners:
-        if listener.protocol == "http":
-            access_log = None
-            if listener.access_log is not None:
-                access_log = AccessLog(
-                    listener.access_log.path, listener.access_log.format, reactor
-                )
-                root.access_logs.append(access_log)
-            context = HTTPContext(
-                listener,
-                root.clusters,
-                root.pools,
-                reactor,
-                access_log,
-                metrics=root.metrics,
-                rate_limit_store=root.rate_limit_store,
-            )
-            factory = HTTPFactory(context)
-        else:
-            factory = L4ProxyFactory(listener, root.clusters, reactor)
-        if listener.tls is not None:
-            # Beside its listener, before it: the listener stops (and drains)
-            # first, then the TLS timers.
-            tls = root.tls[listener.name] = ServerTLS(listener, reactor)
-            tls.setServiceParent(root.listeners)
-            factory = wrap_tls(tls, factory, reactor)
-        svc = ListenerService(listener.listen, factory, reactor, config.drain_timeout)
-        svc.setName(listener.name)
-        svc.setServiceParent(root.listeners)
+        builder.listener(root, listener)
     return root

@@ -7,9 +7,12 @@ from __future__ import annotations
 import signal
 import sys
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from balance.config.validate import ConfigError, load_config
+
+_log = Logger()
 
 
 class Options(usage.Options):
@@ -51,9 +54,10 @@ class Options(usage.Options):
             sys.exit(0)
 
 
-def _install_signal_handlers(reactor) -> None:
+def _install_signal_handlers(reactor, root) -> None:
     """
-    Make SIGTERM and SIGINT a graceful stop that exits 0.
+    Make SIGTERM and SIGINT a graceful stop that exits 0, and SIGHUP a
+    config reload.
 
     twistd's own handlers stop the reactor too, but then re-raise the
     signal at exit, so the process status says "killed by SIGTERM" even
@@ -63,8 +67,17 @@ def _install_signal_handlers(reactor) -> None:
     def stop(signum, frame):
         reactor.callFromThread(_stop, reactor)
 
+    def reload(signum, frame):
+        reactor.callFromThread(_reload, root)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+
+
+def _reload(root) -> None:
+    # The reloader logs the outcome (and the errors of an invalid file).
+    root.reload(False).addErrback(lambda f: _log.failure("config reload failed", f))
 
 
 def _stop(reactor) -> None:
@@ -80,6 +93,7 @@ def makeService(options: Options):
     from balance.service import build
 
     streamline(reactor)
+    root = build(options.model, reactor)
     # After the reactor's own handlers, which it installs when it starts.
-    reactor.callWhenRunning(_install_signal_handlers, reactor)
-    return build(options.model, reactor)
+    reactor.callWhenRunning(_install_signal_handlers, reactor, root)
+    return root

@@ -19,7 +19,7 @@ from zope.interface import implementer
 from balance.config import model
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "a condition") -> Deferred:
+def wait_for(predicate, timeout: float = 30.0, what: str = "a condition") -> Deferred:
     """
     Poll C{predicate} on the reactor until it is true.
 

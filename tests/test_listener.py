@@ -102,7 +102,7 @@ class DrainTests(TestCase):
             reactor,
         )
         listener = model.Listener(name="l4", listen=LOCAL, protocol="tcp", cluster="api")
-        self.factory = L4ProxyFactory(listener, cluster, reactor)
+        self.factory = L4ProxyFactory(listener, {"api": cluster}, reactor)
         self.service = ListenerService(LOCAL, self.factory, reactor, drain_timeout)
         self.events = []
         self.service.log = Logger(observer=self.events.append, namespace="test")

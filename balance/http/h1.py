@@ -24,6 +24,8 @@ from balance.http import message
 from balance.http.proxy import ERROR_BODIES, Exchange, local_response
 
 _MAX_HEADERS = 128
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
 class _Reject(Exception):
@@ -179,6 +181,61 @@ class DownstreamConnection(Protocol):
             _io.send(self.transport, data)
         else:
             self.transport.write(data)
+
+    # -- the response, framed for HTTP/1.1 (the Exchange's downstream calls) ------
+
+    def send_response_head(
+        self, ex: Exchange, status: int, reason: bytes, headers, set_cookie=None
+    ) -> None:
+        """Queue the head of a backend's response; see C{ctx.response_head}."""
+        self._wbuf.append(self.ctx.response_head(ex, status, reason, headers, set_cookie))
+
+    def send_body(self, ex: Exchange, chunk: bytes) -> None:
+        """Queue a piece of the response body, chunked if the head said so."""
+        if ex.chunked_out:
+            self._wbuf += (b"%x\r\n" % len(chunk), chunk, message.CRLF)
+        else:
+            self._wbuf.append(chunk)
+
+    def end_response(self, ex: Exchange) -> None:
+        """The response body is complete."""
+        if ex.chunked_out:
+            self._wbuf.append(_LAST_CHUNK)
+
+    def send_local(
+        self, ex: Exchange, status: int, body: bytes, close: bool, extra: bytes = b""
+    ) -> None:
+        """
+        Queue a whole response Balance makes itself (an error, a 429).
+
+        :param close: say C{Connection: close}.
+        :param extra: further header lines, each ending in CRLF.
+        """
+        data = local_response(status, body, close, extra)
+        if ex.method == b"HEAD":
+            # The head says how long the body would be; none follows.
+            data = data[: len(data) - len(body)]
+        self._wbuf.append(data)
+
+    def send_route_reply(self, ex: Exchange, route, head_only: bool, close: bool) -> None:
+        """Queue the response of a C{direct_response} or C{redirect} route."""
+        self._wbuf.append(route.local_reply(head_only=head_only, close=close))
+
+    def send_continue(self, ex: Exchange) -> None:
+        """Queue a C{100 Continue} interim response."""
+        self._wbuf.append(_CONTINUE)
+
+    def hand_over(self) -> None:
+        """
+        Another protocol takes this connection over before any request
+        (HTTP/2, chosen by L{balance.http.sniff}): stop the timer and leave
+        the listener's books, where the successor takes this place.
+        """
+        self.gone = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.ctx.connections.discard(self)
 
     def abort(self) -> None:
         """Cut the connection: a response could not be completed."""

@@ -4,10 +4,16 @@ One proxied HTTP/1.1 request, from its parsed head to the end of its
 response: routing, picking a backend, taking a pooled connection, streaming
 the request body up and the response down, and the error answers.
 
-An L{Exchange} is created by the downstream connection for every request and
-talks to two peers: the L{balance.http.h1.DownstreamConnection} it came from
-(to write the response) and the L{balance.http.upstream.UpstreamConnection}
-it borrowed (to write the request).
+An L{Exchange} is created by the downstream side for every request and
+talks to two peers: its C{downstream}, to answer the client, and the
+L{balance.http.upstream.UpstreamConnection} it borrowed (to write the
+request).  The downstream is an HTTP/1.1 connection
+(L{balance.http.h1.DownstreamConnection}) or one HTTP/2 stream
+(L{balance.http.h2}): the Exchange hands it the response as a status and
+fields, body chunks and an end (C{send_response_head}, C{send_body},
+C{end_response}), or whole when Balance answers itself (C{send_local},
+C{send_route_reply}; C{send_continue} for a 100), and the downstream frames
+them for its protocol.
 
 Resilience, per request: the cluster's circuit breakers cap requests,
 waiting requests and connections (503 beyond); each try is counted on its
@@ -274,14 +280,10 @@ class Exchange:
     def _rate_limited(self, decision) -> None:
         close = not self.request_done
         self.reason = "rate limited"
-        self.respond_locally(
-            local_response(
-                429, ERROR_BODIES[429], close or self.close_after, decision.reject_headers()
-            ),
-            429,
-            "rate limited",
-            close,
+        self.downstream.send_local(
+            self, 429, ERROR_BODIES[429], close or self.close_after, decision.reject_headers()
         )
+        self.answered_locally(429, "rate limited", close)
 
     def _dispatch(self) -> None:
         """Answer locally or start the trip to a backend."""
@@ -290,14 +292,14 @@ class Exchange:
         route = self.route
         if route.local_response is not None:
             close = not self.keep_alive or not self.request_done or down.draining
-            self.respond_locally(
-                route.local_reply(head_only=self.method == b"HEAD", close=close),
-                route.status,
-                "",
-                close,
-            )
+            down.send_route_reply(self, route, self.method == b"HEAD", close)
+            self.answered_locally(route.status, "", close)
             return
-        cluster = ctx.clusters[route.cluster]
+        cluster = ctx.clusters.get(route.cluster)
+        if cluster is None:
+            # A reload removed it between this connection's routing and now.
+            self.fail(503, "cluster %s no longer configured" % route.cluster)
+            return
         if not cluster.breakers.try_acquire_request():
             self.fail(503, "circuit breaker open (max_requests)")
             return
@@ -312,7 +314,7 @@ class Exchange:
             if retry is not None:
                 self._start_tries(*retry)
         if self.expect_continue and not self.request_done:
-            down.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            down.send_continue(self)
         self._pick()
 
     def _start_tries(self, policy, budget) -> None:
@@ -684,7 +686,7 @@ class Exchange:
             self.close_after = True
         sticky = cluster.sticky
         cookie = None if sticky is None else sticky.set_cookie_for(self.headers, backend)
-        down.write(down.ctx.response_head(self, status, reason, headers, cookie))
+        down.send_response_head(self, status, reason, headers, cookie)
 
     def _stream_down(self, conn) -> None:
         if not self._streaming_down:
@@ -694,13 +696,7 @@ class Exchange:
     def response_body(self, chunk: bytes) -> None:
         """A piece of the response body arrived from the backend."""
         self.response_bytes += len(chunk)
-        down = self.downstream
-        if self.chunked_out:
-            down.write(b"%x\r\n" % len(chunk))
-            down.write(chunk)
-            down.write(_CHUNK_END)
-        else:
-            down.write(chunk)
+        self.downstream.send_body(self, chunk)
         if not self._streaming_down and self.response_bytes > _STREAM_THRESHOLD:
             self._stream_down(self.upstream)
 
@@ -708,8 +704,7 @@ class Exchange:
         """The backend's response is complete."""
         if conn is not self.upstream:
             return
-        if self.chunked_out:
-            self.downstream.write(_LAST_CHUNK)
+        self.downstream.end_response(self)
         self._release(conn, keep_alive and self._body_sent)
         self._finish()
 
@@ -850,21 +845,19 @@ class Exchange:
                 self._stop_streaming_up(conn)
             conn.abort()
         close = not self.request_done or status in (400, 408, 413, 431)
-        self.respond_locally(
-            local_response(
-                status, ERROR_BODIES.get(status, b"Error\n"), close or self.close_after, extra
-            ),
-            status,
-            reason,
-            close,
+        self.downstream.send_local(
+            self, status, ERROR_BODIES.get(status, b"Error\n"), close or self.close_after, extra
         )
+        self.answered_locally(status, reason, close)
 
-    def respond_locally(self, data: bytes, status: int, reason: str, close: bool = False) -> None:
-        """Answer with C{data}, which Balance made itself."""
+    def answered_locally(self, status: int, reason: str, close: bool = False) -> None:
+        """
+        The downstream was just handed a whole response Balance made
+        itself (C{send_local}, C{send_route_reply}): the exchange is over.
+        """
         self.status = status
         self.reason = reason
         self.response_started = True
         if close:
             self.close_after = True
-        self.downstream.write(data)
         self._finish()

@@ -16,6 +16,7 @@ from balance.config import model
 from balance.http import headers
 from balance.http.h1 import DownstreamConnection
 from balance.http.router import Router
+from balance.http.sniff import HTTPProtocols
 from balance.observe.metrics import NO_ROUTE, Metrics
 from balance.ratelimit import build_store
 from balance.ratelimit.limiter import RateLimiter
@@ -160,11 +161,13 @@ class HTTPFactory(ServerFactory):
     def __init__(self, context: HTTPContext):
         self.context = context
         self.max_connections = context.listener.limits.max_connections
+        # HTTP/1.1, or a sniffer choosing HTTP/2 by ALPN or its preface.
+        self.protocols = HTTPProtocols(context)
 
     def buildProtocol(self, addr):
         if len(self.context.connections) >= self.max_connections:
             return None
-        return DownstreamConnection(self.context)
+        return self.protocols.build()
 
     @property
     def active(self) -> int:

@@ -4,6 +4,14 @@ The L4 TCP proxy: accept a client, connect to a backend of the listener's
 cluster (next backend on failure), then relay bytes both ways until both
 sides are done.
 
+With SNI routes (C{routes: [{match: {sni: NAME}, cluster: C}]}), the proxy
+first reads the client's TLS ClientHello without terminating TLS
+(L{balance.l4.sni}), picks the cluster of the first route matching its
+server name (the listener's C{cluster} when none does, or when the client
+sends no TLS or no SNI within C{timeouts.handshake}), connects, and sends
+the bytes it read before relaying the rest.  No match and no default
+cluster: the connection is closed.
+
 Flow control is Twisted's producer/consumer, wired as in
 C{twisted.protocols.portforward}: each transport is the streaming producer of
 the other, so when one side reads slower than the other writes, its
@@ -20,22 +28,27 @@ are closed.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from balance.cluster.cluster import Cluster, NoBackendAvailable
 from balance.config import model
 from balance.interfaces import IDrainable
+from balance.l4.sni import ClientHello, ClientHelloParser, NotTLS, SNIRouter
 
 
 class _State(enum.Enum):
     """Where a proxied connection is in its life."""
 
+    #: Reading the client's ClientHello to choose a cluster by SNI.
+    SNIFFING = "sniffing"
     #: The client is paused while a backend is being connected.
     CONNECTING = "connecting"
     #: Bytes flow both ways.
@@ -59,6 +72,19 @@ class _State(enum.Enum):
 # reports EOF a second time.
 _DOWNSTREAM_HAS_PRODUCER = frozenset({_State.OPEN, _State.DOWNSTREAM_DONE})
 _UPSTREAM_HAS_PRODUCER = frozenset({_State.OPEN, _State.UPSTREAM_DONE})
+
+
+def _shut_down_writes(transport) -> None:
+    """
+    Pass an EOF on: shut down C{transport}'s write half after what is
+    buffered, and keep reading.  On TLS that is a close_notify (a TCP FIN
+    alone would look like a truncation attack), after which the peer may
+    still send.
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        transport.loseConnection()
+    else:
+        transport.loseWriteConnection()
 
 
 def _describe_peer(transport) -> str:
@@ -85,11 +111,15 @@ class L4ProxyProtocol:
         "_factory",
         "_state",
         "_up",
+        "_cluster",
         "_backend",
         "_pending",
         "_last",
         "_idle_call",
         "_downstream_lost",
+        "_sniff",
+        "_early",
+        "_client_eof",
     )
 
     def __init__(self, factory: L4ProxyFactory):
@@ -97,11 +127,18 @@ class L4ProxyProtocol:
         self._factory = factory
         self._state = _State.CONNECTING
         self._up = None
+        self._cluster: Cluster | None = None
         self._backend = None
         self._pending: Deferred | None = None
         self._last = 0.0
         self._idle_call = None
         self._downstream_lost = False
+        # While sniffing: the ClientHello parser; then, until the upstream
+        # is connected, the bytes it read; and whether the client already
+        # shut down its write half.
+        self._sniff: ClientHelloParser | None = None
+        self._early: bytes | None = None
+        self._client_eof = False
 
     # IProtocol, for the client connection.
 
@@ -112,19 +149,31 @@ class L4ProxyProtocol:
 
     def connectionMade(self) -> None:
         """
-        Stop reading from the client, and connect to a backend.
+        Connect to a backend of the listener's cluster; or, with SNI routes,
+        read the ClientHello first.
         """
+        factory = self._factory
+        factory._opened(self)
+        self._last = factory._seconds()
+        if factory.router is not None:
+            self._state = _State.SNIFFING
+            self._sniff = ClientHelloParser()
+            self._idle_call = factory._reactor.callLater(
+                factory._sniff_timeout, self._sniff_timed_out
+            )
+            return
+        self._connect(factory.cluster)
+
+    def _connect(self, cluster: Cluster) -> None:
         # Don't read anything from the client until there is somewhere to
         # send it.
         self.transport.pauseProducing()
         factory = self._factory
-        factory._opened(self)
-        self._last = factory._seconds()
+        self._state = _State.CONNECTING
+        self._cluster = cluster
         if factory._idle > 0:
             self._idle_call = factory._reactor.callLater(factory._idle, self._idle_check)
-        pending = factory.cluster.connect(
-            factory._upstream_factory, log_context=factory._log_context
-        )
+        pending = cluster.connect(factory._upstream_factory, log_context=factory._log_context)
         self._pending = pending
         pending.addCallbacks(self._upstream_connected, self._upstream_failed)
         pending.addErrback(self._unexpected)
@@ -132,7 +181,16 @@ class L4ProxyProtocol:
     def dataReceived(self, data: bytes) -> None:
         """Pass bytes from the client to the backend."""
         self._last = self._factory._seconds()
-        self._up.write(data)
+        up = self._up
+        if up is not None:
+            up.write(data)
+        elif self._sniff is not None:
+            decision = self._sniff.feed(data)
+            if decision is not None:
+                self._route(decision)
+        else:
+            # Read before the pause took effect: send it first, in order.
+            self._early = data if self._early is None else self._early + data
 
     def readConnectionLost(self) -> None:
         """
@@ -144,9 +202,14 @@ class L4ProxyProtocol:
             self._state = _State.DOWNSTREAM_DONE
             up = self._up
             up.unregisterProducer()
-            up.loseWriteConnection()
+            _shut_down_writes(up)
         elif state is _State.UPSTREAM_DONE:
             self._close()
+        elif state is _State.SNIFFING:
+            # Nothing more is coming: decide on what arrived, and pass the
+            # EOF on once the backend is connected.
+            self._client_eof = True
+            self._route(NotTLS("the client closed before a whole ClientHello"))
 
     def writeConnectionLost(self) -> None:
         """Our EOF reached the client; nothing to do."""
@@ -158,6 +221,36 @@ class L4ProxyProtocol:
         if self._up is None:
             self._finish()
 
+    # SNI routing.
+
+    def _route(self, decision: ClientHello | NotTLS) -> None:
+        """Connect to the cluster the ClientHello asks for."""
+        parser, self._sniff = self._sniff, None
+        self._early = bytes(parser.buffered)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        factory = self._factory
+        server_name = decision.server_name if isinstance(decision, ClientHello) else None
+        name = factory.router.route(server_name)
+        if name is None:
+            factory.log.warn(
+                "closing connection from {client} on listener {listener}: no route for "
+                "server name {server_name} and no default cluster",
+                client=_describe_peer(self.transport),
+                listener=factory.listener.name,
+                server_name=server_name
+                if server_name is not None
+                else f"(none: {getattr(decision, 'reason', 'no SNI')})",
+            )
+            self._close()
+            return
+        self._connect(factory.clusters[name])
+
+    def _sniff_timed_out(self) -> None:
+        self._idle_call = None
+        self._route(NotTLS("no whole ClientHello within timeouts.handshake"))
+
     # The backend side, called by _UpstreamProtocol.
 
     def _upstream_connected(self, result) -> None:
@@ -167,6 +260,9 @@ class L4ProxyProtocol:
         upstream._session = self
         down = self.transport
         up = self._up = upstream.transport
+        early, self._early = self._early, None
+        if early:
+            up.write(early)
         # Wire this and the peer transport together for flow control: a side
         # that reads slowly stops reads on the other side instead of filling
         # this proxy's memory.
@@ -174,6 +270,10 @@ class L4ProxyProtocol:
         up.registerProducer(down, True)
         self._state = _State.OPEN
         self._last = self._factory._seconds()
+        if self._client_eof:
+            # Resuming a transport at EOF would report EOF again.
+            self.readConnectionLost()
+            return
         down.resumeProducing()
 
     def _upstream_failed(self, reason: Failure) -> None:
@@ -207,13 +307,13 @@ class L4ProxyProtocol:
             self._state = _State.UPSTREAM_DONE
             down = self.transport
             down.unregisterProducer()
-            down.loseWriteConnection()
+            _shut_down_writes(down)
         elif state is _State.DOWNSTREAM_DONE:
             self._close()
 
     def _upstream_lost(self) -> None:
         self._up = None
-        self._factory.cluster.release(self._backend)
+        self._cluster.release(self._backend)
         self._close()
         if self._downstream_lost:
             self._finish()
@@ -334,28 +434,52 @@ class _UpstreamFactory(Factory):
 class L4ProxyFactory(ServerFactory):
     """
     Accepts the client connections of one C{protocol: tcp} listener and
-    proxies each to a backend of its cluster.
+    proxies each to a backend of its cluster, or of the cluster its SNI
+    routes choose.
 
-    @ivar listener: The listener config (its name and idle timeout are used).
-    @ivar cluster: The L{Cluster} connections go to.
+    @ivar listener: The listener config (its name, cluster, routes and
+        timeouts are used).
+    @ivar cluster: The L{Cluster} connections go to by default (the
+        listener's C{cluster}), or L{None}.
+    @ivar clusters: Every runtime cluster by name.
+    @ivar router: The L{SNIRouter} of the listener's routes, or L{None}
+        when it has none (connections then go to C{cluster} at once).
     """
 
     log = Logger()
 
-    def __init__(self, listener: model.Listener, cluster: Cluster, reactor):
+    def __init__(self, listener: model.Listener, clusters: Mapping[str, Cluster], reactor):
         """
         @param listener: The validated listener config.
-        @param cluster: Where connections go.
+        @param clusters: The runtime clusters by name; those the listener
+            and its routes name must be there.
         @param reactor: Provides the time and the timers (L{IReactorTime}).
         """
         self.listener = listener
-        self.cluster = cluster
+        self.clusters = clusters
+        self.cluster = clusters[listener.cluster] if listener.cluster is not None else None
+        self.router = SNIRouter(listener.routes, listener.cluster) if listener.routes else None
+        self._sniff_timeout = listener.timeouts.handshake
         self._reactor = reactor
         self._seconds = reactor.seconds
         self._idle = listener.timeouts.idle
         self._sessions: set[L4ProxyProtocol] = set()
         self._drain_waiters: list[Deferred] = []
         self._upstream_factory = _UpstreamFactory()
+        self._log_context = {"listener": listener.name}
+
+    def reconfigure(self, listener: model.Listener) -> None:
+        """
+        Take the settings of a reloaded C{listener} (same socket): new
+        connections use its cluster, routes and timeouts; open ones go on
+        with what they started with.
+        """
+        clusters = self.clusters
+        self.listener = listener
+        self.cluster = clusters[listener.cluster] if listener.cluster is not None else None
+        self.router = SNIRouter(listener.routes, listener.cluster) if listener.routes else None
+        self._sniff_timeout = listener.timeouts.handshake
+        self._idle = listener.timeouts.idle
         self._log_context = {"listener": listener.name}
 
     def buildProtocol(self, addr) -> L4ProxyProtocol:

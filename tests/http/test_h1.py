@@ -498,7 +498,7 @@ class PipeliningTests(ProxyTestCase):
             client.send(get(b"/%d" % i))
         proxy.run()
         self.assertGreater(client.held, 900 * len(get(b"/100")))
-        self.assertLess(len(client.protocol._queue or ()), 3)
+        self.assertLess(len(client.transport.protocol._queue or ()), 3)
         conn = proxy.backend().connections[0]
         for _ in range(1000):
             conn.respond(OK)

@@ -225,6 +225,44 @@ drain_timeout: 500ms
         self.assertEqual((yield proc.ended), 0, proc.output)
 
     @inlineCallbacks
+    def test_sighupReload(self):
+        """
+        SIGHUP reloads the file: a new direct response route answers
+        afterwards, on the same socket, without a restart.
+        """
+        curl = need_tool("curl")
+        path, port = self.shipped_config()
+        proc = yield twistd.start(self, path, port)
+        url = f"http://127.0.0.1:{port}/hello"
+        out, err, code = yield getProcessOutputAndValue(curl, ["-sS", "--max-time", "10", url])
+        self.assertTrue(out.startswith(b"Name: "), out)
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(
+                text.replace(
+                    "      - match: {path: /healthz}",
+                    '      - match: {path: /hello}\n        direct_response: {status: 200, body: "reloaded"}\n'
+                    "      - match: {path: /healthz}",
+                )
+            )
+        proc.signal("HUP")
+        bodies = []
+
+        @inlineCallbacks
+        def answered():
+            out, err, code = yield getProcessOutputAndValue(curl, ["-sS", "--max-time", "10", url])
+            bodies.append(out)
+
+        for _ in range(100):
+            yield answered()
+            if bodies[-1] == b"reloaded":
+                break
+        self.assertEqual(bodies[-1], b"reloaded")
+        proc.signal("TERM")
+        self.assertEqual((yield proc.ended), 0, proc.output)
+
+    @inlineCallbacks
     def test_systemdNotify(self):
         """
         Under systemd (Type=notify) Balance says READY=1 once it listens and

@@ -75,7 +75,7 @@ class ProxyTestCase(TestCase):
             cluster="api",
             timeouts=model.Timeouts(idle=idle),
         )
-        self.factory = L4ProxyFactory(listener, self.cluster, reactor)
+        self.factory = L4ProxyFactory(listener, {"api": self.cluster}, reactor)
         self.factory.log = Logger(observer=self.events.append, namespace="relay")
         self.service = ListenerService(listener.listen, self.factory, reactor, 5.0)
         self.service.startService()

@@ -57,7 +57,7 @@ class RelayTestCase(SynchronousTestCase):
         self.cluster = Cluster(cluster, self.reactor)
         self.events = []
         self.cluster.log = Logger(observer=self.events.append, namespace="test")
-        self.factory = L4ProxyFactory(listener_model(self.idle), self.cluster, self.reactor)
+        self.factory = L4ProxyFactory(listener_model(self.idle), {"api": self.cluster}, self.reactor)
         self.factory.log = Logger(observer=self.events.append, namespace="test")
 
     def accept(self):

@@ -1,0 +1,216 @@
+# -*- test-case-name: tests.tls.test_server -*-
+"""
+TLS on a listener's connections: Twisted's memory-BIO TLS layer around the
+listener's own factory, counting handshakes and passing drain and abort on
+to the factory it wraps; and what the proxy asks a TLS connection
+(L{peer_subject}).
+"""
+
+from __future__ import annotations
+
+from OpenSSL.SSL import Error, WantReadError
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+from balance import _io
+from balance.interfaces import IDrainable
+from balance.tls.server import ServerTLS
+
+#: Seconds a connection may linger after Balance sent its close_notify and
+#: FIN, waiting for the client to close its side, before it is aborted.
+LINGER_TIMEOUT = 5.0
+
+
+class _ServerTLSProtocol(TLSMemoryBIOProtocol):
+    """
+    One client's TLS layer.  Compared with Twisted's:
+
+      - handshakes are counted (C{ServerTLS.handshakes});
+      - the socket gets C{TCP_NODELAY}, and TLS records go straight to the
+        socket when nothing is queued (see L{balance._io}), which saves two
+        C{epoll_ctl} calls and a loop turn per flight;
+      - closing sends close_notify and a FIN at once, instead of waiting,
+        with the socket open, for the client's close_notify (which an idle
+        client may never send); the client may still send until it closes,
+        for at most L{LINGER_TIMEOUT} seconds;
+      - the wrapper does not copy the socket transport's interfaces onto
+        itself (a per-connection C{zope.interface} declaration Balance does
+        not use).
+
+    Application writes are not batched per reactor turn (as Twisted's
+    default L{BufferingTLSTransport} does with a timer per write): Balance's
+    protocols already write whole responses and whole relayed reads.
+    """
+
+    _direct = False
+    _linger = None
+
+    def makeConnection(self, transport):
+        # TLSMemoryBIOProtocol.makeConnection and ProtocolWrapper's, minus
+        # their directlyProvides calls and their second registration.
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        if _io.can_send_directly(transport):
+            self._direct = True
+            transport.setTcpNoDelay(True)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(self)
+        self._checkHandshakeStatus()
+
+    def _checkHandshakeStatus(self):
+        # Twisted calls this only while the handshake is in progress.
+        super()._checkHandshakeStatus()
+        if self._handshakeDone:
+            self.factory.tls.handshakes["success"] += 1
+
+    def _flushSendBIO(self):
+        connection = self._tlsConnection
+        if connection is None:
+            # Closing the socket after a half-close ends the connection at
+            # once (connectionLost has run); nothing is left to send.
+            return
+        try:
+            data = connection.bio_read(2**15)
+        except WantReadError:
+            return
+        if self._direct:
+            _io.send(self.transport, data)
+        else:
+            self.transport.write(data)
+
+    def _shutdownTLS(self):
+        try:
+            both = self._tlsConnection.shutdown()
+        except Error:
+            both = False
+        self._flushSendBIO()
+        if both or self._aborted:
+            # The client's close_notify came first (or this is an abort,
+            # which closes the socket itself).
+            if not self._aborted:
+                self.transport.loseConnection()
+            return
+        self.transport.loseWriteConnection()
+        if self._linger is None:
+            self._linger = self.factory._clock.callLater(
+                LINGER_TIMEOUT, self.transport.abortConnection
+            )
+
+    def connectionLost(self, reason):
+        if not self._handshakeDone:
+            self.factory.tls.handshakes["failure"] += 1
+        if self._linger is not None:
+            if self._linger.active():
+                self._linger.cancel()
+            self._linger = None
+        super().connectionLost(reason)
+
+
+@implementer(IDrainable)
+class TLSListenerFactory(TLSMemoryBIOFactory):
+    """
+    A listener factory with TLS: each accepted connection gets a TLS layer
+    (contexts from a L{ServerTLS}) in front of the protocol the wrapped
+    factory builds.
+
+    It is L{IDrainable} when the wrapped factory is, so that the listener
+    service drains and aborts through it.
+
+    :ivar tls: the L{ServerTLS}.
+    """
+
+    protocol = _ServerTLSProtocol
+
+    def __init__(self, tls: ServerTLS, wrapped_factory, reactor):
+        """
+        :param tls: the listener's TLS contexts.
+        :param wrapped_factory: the listener's own factory (HTTP or L4).
+        :param reactor: the clock that paces the TLS layer's write batching.
+        """
+        super().__init__(tls, False, wrapped_factory, clock=reactor)
+        self.tls = tls
+
+    def buildProtocol(self, addr):
+        """
+        Wrap the protocol the wrapped factory builds, or refuse the
+        connection (L{None}) when it refuses (say, beyond
+        C{max_connections}).
+        """
+        inner = self.wrappedFactory.buildProtocol(addr)
+        if inner is None:
+            return None
+        return self.protocol(self, inner)
+
+    @property
+    def active(self) -> int:
+        """The wrapped factory's count of open connections."""
+        return self.wrappedFactory.active
+
+    def drain(self) -> Deferred:
+        """Drain the wrapped factory; see L{IDrainable.drain}."""
+        return self.wrappedFactory.drain()
+
+    def abort_all(self) -> None:
+        """Abort the wrapped factory's connections; see L{IDrainable.abort_all}."""
+        self.wrappedFactory.abort_all()
+
+
+def wrap(tls: ServerTLS, factory, reactor) -> TLSListenerFactory:
+    """
+    Put TLS in front of a listener's C{factory}.
+
+    :param tls: the listener's L{ServerTLS}.
+    :param factory: the listener's factory (L{balance.http.server.HTTPFactory}
+        or L{balance.l4.relay.L4ProxyFactory}).
+    :param reactor: an L{IReactorTime}.
+    """
+    return TLSListenerFactory(tls, factory, reactor)
+
+
+def is_tls(transport) -> bool:
+    """Whether C{transport} is a TLS layer (rather than a plain socket)."""
+    return isinstance(transport, TLSMemoryBIOProtocol)
+
+
+def _escape(subject: str) -> str:
+    # RFC 4514 leaves control and non-ASCII characters as they are; a header
+    # value must not carry them (CR/LF would split the header).  Escape them
+    # as RFC 4514 hex pairs of their UTF-8 bytes, which parsers read back.
+    if subject.isascii() and subject.isprintable():
+        return subject
+    out = []
+    for char in subject:
+        if char.isascii() and char.isprintable():
+            out.append(char)
+        else:
+            out.extend(f"\\{byte:02X}" for byte in char.encode("utf-8"))
+    return "".join(out)
+
+
+def peer_subject(transport) -> str | None:
+    """
+    The subject of the client certificate of a TLS connection, as an RFC
+    4514 string (C{"CN=alice,O=Example"}), with control and non-ASCII
+    characters hex-escaped so that it is safe in an HTTP header.
+
+    A listener with C{client_ca} only finishes handshakes with clients whose
+    certificate verified, so on such a listener the subject is a verified
+    one.  Call it once per connection, after the handshake (for example
+    when the first request arrives), and keep the result.
+
+    :param transport: a protocol's transport.
+    :return: the subject, or L{None} for a plain TCP connection, a TLS
+        connection without a client certificate, or a handshake not finished.
+    """
+    if not isinstance(transport, TLSMemoryBIOProtocol):
+        return None
+    connection = transport.getHandle()
+    if connection is None:
+        return None
+    cert = connection.get_peer_certificate(as_cryptography=True)
+    if cert is None:
+        return None
+    return _escape(cert.subject.rfc4514_string())
