@@ -28,6 +28,7 @@ from balance.cluster.retry import Outcome
 from balance.cluster.slow_start import SlowStart
 from balance.cluster.sticky import StickyCookie, derive_secret
 from balance.config import model
+from balance.tls.client import ClientTLS
 
 _NO_CONTEXT: Mapping[str, object] = {}
 
@@ -166,6 +167,12 @@ class Cluster:
         self.panic = PanicMonitor(cluster.name, cluster.panic_threshold)
         self.health = None
         self.measures_latency = cluster.lb in lb.LATENCY_POLICIES
+        # Backend TLS (the cluster's tls:), loaded once; every backend's
+        # endpoint then speaks TLS, verified unless verify: false.
+        self.tls = None
+        if cluster.tls is not None:
+            alpn = (b"h2",) if cluster.upstream_protocol == "h2" else (b"http/1.1",)
+            self.tls = ClientTLS(cluster.tls, cluster.name, reactor, alpn=alpn)
         self.backends: tuple[Backend, ...] = ()
         self.backends = self._build()
         self.outlier = (
@@ -531,6 +538,8 @@ class Cluster:
 
     def _new_backend(self, config, ip, starting, placeholder, sibling) -> Backend:
         backend = Backend.build(config, self._reactor, self.model.connect_timeout, ip)
+        if self.tls is not None:
+            backend.endpoint = self.tls.wrap(backend.endpoint, config.host)
         backend.on_recovery = self._recovered
         backend.breaker = BackendBreaker(
             BREAKER_THRESHOLD,

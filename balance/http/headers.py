@@ -39,13 +39,19 @@ def forwarded_for(client_ip: bytes) -> bytes:
     return client_ip
 
 
-def request_head(ex, client_ip: bytes, proto: bytes) -> bytes:
+def request_head(
+    ex, client_ip: bytes, proto: bytes, cert_header: bytes | None = None, subject: bytes | None = None
+) -> bytes:
     """
     The head Balance sends upstream for the request of C{ex}.
 
     :param ex: the L{balance.http.proxy.Exchange}, already routed.
     :param client_ip: the downstream peer's address, for C{X-Forwarded-For}.
     :param proto: C{b"http"} or C{b"https"}.
+    :param cert_header: on an mTLS listener, the (lower-case) header that
+        carries the verified client certificate subject upstream; a value
+        the client sent itself is dropped.
+    :param subject: that subject, when the client presented a certificate.
     """
     route = ex.route
     remove = route.request_remove
@@ -71,7 +77,11 @@ def request_head(ex, client_ip: bytes, proto: bytes) -> bytes:
             continue
         if setters and lname in route.request_set_names:
             continue
+        if cert_header is not None and lname == cert_header:
+            continue
         append(name + b": " + value + b"\r\n")
+    if subject is not None:
+        append(cert_header + b": " + subject + b"\r\n")
     append(b"X-Forwarded-For: " + (xff + b", " + client_ip if xff else client_ip) + b"\r\n")
     append(b"X-Forwarded-Proto: " + proto + b"\r\n")
     host = ex.host

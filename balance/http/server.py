@@ -20,9 +20,28 @@ from balance.http.sniff import HTTPProtocols
 from balance.observe.metrics import NO_ROUTE, Metrics
 from balance.ratelimit import build_store
 from balance.ratelimit.limiter import RateLimiter
+from balance.tls.transport import peer_subject
 
 # When a route gives no timeout, a backend has this long to answer.
 DEFAULT_ROUTE_TIMEOUT = 60.0
+
+
+def client_subject(down) -> bytes | None:
+    """
+    The verified certificate subject of a downstream connection (or stream:
+    its connection's), read once and kept on the connection.
+    """
+    # An HTTP/2 stream reads it from its connection.
+    holder = getattr(down, "conn", down)
+    subject = getattr(holder, "client_subject", _UNREAD)
+    if subject is _UNREAD:
+        text = peer_subject(holder.transport)
+        subject = None if text is None else text.encode("ascii", "replace")
+        holder.client_subject = subject
+    return subject
+
+
+_UNREAD = object()
 
 
 class HTTPContext:
@@ -88,6 +107,13 @@ class HTTPContext:
         self.idle_timeout = listener.timeouts.idle
         self.default_timeout = DEFAULT_ROUTE_TIMEOUT
         self.proto = b"https" if listener.tls is not None else b"http"
+        # mTLS: the verified client subject goes upstream in this header.
+        tls = listener.tls
+        self.cert_header = (
+            tls.client_cert_header.encode("ascii")
+            if tls is not None and tls.client_ca is not None
+            else None
+        )
         self.access_log = access_log
         self.connections: set[DownstreamConnection] = set()
         self.draining = False
@@ -97,7 +123,12 @@ class HTTPContext:
 
     def request_head(self, ex) -> bytes:
         """The request head for the backend; see L{headers.request_head}."""
-        return headers.request_head(ex, ex.downstream.client_ip, self.proto)
+        down = ex.downstream
+        if self.cert_header is None:
+            return headers.request_head(ex, down.client_ip, self.proto)
+        return headers.request_head(
+            ex, down.client_ip, self.proto, self.cert_header, client_subject(down)
+        )
 
     def response_head(
         self, ex, status: int, phrase: bytes, response_headers, set_cookie: bytes | None = None

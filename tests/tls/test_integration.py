@@ -121,7 +121,7 @@ class ListenerTests(BalanceTLSTestCase):
         self.alice = alice
         with open(f"{self.dir}/ocsp.der", "wb") as f:
             f.write(pki()["ca"].ocsp_response(pki()["site_ec"]))
-        p = self.ports = {n: free_port() for n in ("web", "strict", "sni", "whoami", "echo")}
+        p = self.ports = {n: free_port() for n in ("web", "strict", "sni", "whoami", "echo", "mtls")}
         echo = reactor.listenTCP(p["echo"], EchoFactory(), interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
         db, api_backend = self.backend("site_ec", b"db\n"), self.backend("api", b"api\n")
@@ -147,6 +147,15 @@ class ListenerTests(BalanceTLSTestCase):
                   min_version: "1.3"
                   client_ca: {write_ca(self.dir, "client_ca")}
                 cluster: echo
+              - name: mtls
+                listen: "tcp:{p["mtls"]}:interface=127.0.0.1"
+                protocol: http
+                tls:
+                  certificates: [{{cert: {site_ec.cert}, key: {site_ec.key}}}]
+                  alpn: [http/1.1]
+                  client_ca: {write_ca(self.dir, "client_ca")}
+                  client_cert_header: x-client-subject
+                cluster: whoami
               - name: sni
                 listen: "tcp:{p["sni"]}:interface=127.0.0.1"
                 protocol: tcp
@@ -219,6 +228,23 @@ class ListenerTests(BalanceTLSTestCase):
             stdin=b"hello\n",
         )
         self.assertIn("hello", out)
+
+    @inlineCallbacks
+    def test_mtls_subject_header(self):
+        """
+        On an mTLS HTTP listener the verified client subject reaches the
+        backend in client_cert_header; a value the client sent is dropped.
+        """
+        code, out = yield run(
+            [require("curl"), "-sS", "--cacert", self.ca, "--cert", self.alice.cert,
+             "--key", self.alice.key, "-H", "X-Client-Subject: CN=mallory",
+             "--resolve", f"www.example.com:{self.ports['mtls']}:127.0.0.1",
+             f"https://www.example.com:{self.ports['mtls']}/whoami"],
+            timeout=15,
+        )
+        self.assertEqual(code, 0, out)
+        self.assertIn("x-client-subject: CN=alice", out)
+        self.assertNotIn("mallory", out)
 
     @inlineCallbacks
     def test_curl(self):
