@@ -7,6 +7,8 @@ These run on the global reactor, for trial tests over real sockets.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 
 from twisted.internet import reactor
@@ -14,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import SkipTest
 from zope.interface import implementer
 
 from balance.config import model
@@ -39,6 +42,44 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "a condition") -> Def
 
     check()
     return d
+
+
+def need_tool(name: str, package: str | None = None, aliases=()) -> str:
+    """
+    The path of an external tool (or of the first of its C{aliases} found).
+    Locally a missing tool skips the test; in CI (C{CI=true}) it fails it,
+    so that CI cannot pass by skipping.
+
+    :param package: the Debian package that provides it, for the message.
+    """
+    for candidate in (name, *aliases):
+        path = shutil.which(candidate)
+        if path is not None:
+            return path
+    message = f"{name} is not installed (apt-get install {package or name}; see .ci/run)"
+    if os.environ.get("CI", "").lower() == "true":
+        raise AssertionError(message + "; CI must have it")
+    raise SkipTest(message)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:C{port}."""
+    s = socket.socket()
+    s.settimeout(0.2)
+    try:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+    finally:
+        s.close()
 
 
 def closed_port(host: str = "127.0.0.1") -> int:

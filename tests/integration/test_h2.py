@@ -26,7 +26,7 @@ from balance.http.server import HTTPFactory
 from balance.http.sniff import HTTPProtocols
 from balance.service import build
 from balance.whoami import WhoamiFactory
-from tests.helpers import wait_for
+from tests.helpers import need_tool, wait_for
 from tests.integration.test_http_proxy import RecordingBackend
 
 
@@ -44,13 +44,8 @@ class _H2Factory(HTTPFactory):
 
 
 def require(tool: str) -> str:
-    """The path of C{tool}; missing, it skips the test locally and fails it in CI."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"{tool} is required in CI (CI=true) but is not installed")
-        raise SkipTest(f"{tool} is not installed (Debian: apt-get install nghttp2-client curl)")
-    return path
+    """The path of C{tool}; see L{tests.helpers.need_tool}."""
+    return need_tool(tool, "nghttp2-client curl")
 
 
 class H2TestCase(TestCase):

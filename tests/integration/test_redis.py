@@ -9,9 +9,7 @@ fails them.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
@@ -26,30 +24,7 @@ from balance.config import model
 from balance.ratelimit._resp import RedisProtocol
 from balance.ratelimit.limiter import Decision, RateLimiter
 from balance.ratelimit.redis import SCRIPT_SHA, RedisRateLimitStore
-
-
-def need_tool(name: str, package: str) -> str:
-    """
-    The path of an external tool.  Locally a missing tool skips the test;
-    in CI (C{CI=true}) it fails it, so that CI cannot pass by skipping.
-    """
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install {package})"
-        if os.environ.get("CI") == "true":
-            raise AssertionError(message)
-        raise unittest.SkipTest(message)
-    return path
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound by the OS, then released)."""
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+from tests.helpers import free_port, need_tool
 
 
 async def until(condition, timeout: float = 10.0, what: str = "a condition") -> None:

@@ -6,7 +6,6 @@ child process, driven by real clients.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 
 from twisted.internet import reactor
@@ -14,24 +13,12 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from tests.helpers import CheckingClient, EchoFactory, connect_client, wait_for
+from tests.helpers import CheckingClient, EchoFactory, connect_client, need_tool, wait_for
 from tests.integration import twistd
 
 ETC = os.path.join(twistd.ROOT, "etc")
 
 
-def need_tool(name: str) -> str:
-    """
-    The path of an external tool.  Locally a missing tool skips the test;
-    in CI (C{CI=true}) it fails it, so that CI cannot pass by skipping.
-    """
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install {name})"
-        if os.environ.get("CI") == "true":
-            raise AssertionError(message)
-        raise unittest.SkipTest(message)
-    return path
 
 
 class CheckTests(unittest.TestCase):

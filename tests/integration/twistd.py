@@ -7,7 +7,6 @@ collect its output and exit status.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from twisted.internet import reactor
@@ -15,29 +14,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 
-from tests.helpers import wait_for
+from tests.helpers import free_port, port_open, wait_for  # noqa: F401 (re-exported)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
-def port_open(port: int) -> bool:
-    """Whether something accepts connections on 127.0.0.1:C{port}."""
-    s = socket.socket()
-    s.settimeout(0.2)
-    try:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-    finally:
-        s.close()
 
 
 def twistd_argv(*args: str) -> list[str]:

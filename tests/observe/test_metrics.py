@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import timeit
 from urllib.parse import urlencode
 
@@ -25,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from balance.observe.metrics import CONTENT_TYPE, DURATION_BUCKETS, NO_ROUTE, Metrics
+from tests.helpers import free_port, need_tool
 
 # CONFIG.md's list: family name -> (type, label names).
 CONTRACT = {
@@ -46,18 +45,6 @@ CONTRACT = {
 }
 
 
-def need_tool(name: str, package: str) -> str:
-    """
-    The path of an external tool.  Locally a missing tool skips the test;
-    in CI (C{CI=true}) it fails it, so that CI cannot pass by skipping.
-    """
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install {package})"
-        if os.environ.get("CI") == "true":
-            raise AssertionError(message)
-        raise unittest.SkipTest(message)
-    return path
 
 
 def populated(process: bool = True) -> Metrics:
@@ -297,13 +284,6 @@ async def _read_body(response) -> bytes:
     return await body.done
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 class PrometheusTests(unittest.TestCase):
@@ -335,7 +315,7 @@ class PrometheusTests(unittest.TestCase):
                 "    static_configs:\n"
                 f"      - targets: ['127.0.0.1:{port.getHost().port}']\n"
             )
-        api_port = _free_port()
+        api_port = free_port()
         process = _Process()
         transport = reactor.spawnProcess(
             process,

@@ -9,7 +9,6 @@ blocking the reactor.
 from __future__ import annotations
 
 import os
-import shutil
 from functools import cache
 from pathlib import Path
 
@@ -19,10 +18,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SkipTest
 
 from balance.config import model
 from balance.tls.testing import CA, Issued
+from tests.helpers import need_tool
 
 
 @cache
@@ -257,18 +256,8 @@ class Handshake:
 
 
 def require(tool: str, *aliases: str) -> str:
-    """
-    The path of C{tool} (or of the first of its C{aliases} found); a missing
-    tool skips the test, except in CI (C{CI=true}), where it fails it.
-    """
-    for name in (tool, *aliases):
-        path = shutil.which(name)
-        if path is not None:
-            return path
-    message = f"{tool} is not installed (see .ci/run)"
-    if os.environ.get("CI", "").lower() == "true":
-        raise AssertionError(message + "; CI must have it")
-    raise SkipTest(message)
+    """The path of C{tool} or an alias; see L{tests.helpers.need_tool}."""
+    return need_tool(tool, aliases=aliases)
 
 
 class _Run(ProcessProtocol):

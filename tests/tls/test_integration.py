@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import textwrap
 
 from twisted.internet import reactor
@@ -25,14 +24,8 @@ from balance.service import build
 from balance.tls.client import ClientTLS
 from balance.tls.server import ServerTLS
 from balance.tls.transport import wrap
-from tests.helpers import EchoFactory
+from tests.helpers import EchoFactory, free_port
 from tests.tls.support import listener, pki, require, run, write, write_ca
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Greeter(Protocol):
