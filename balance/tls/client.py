@@ -22,12 +22,12 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from balance.config import model
 from balance.tls.certs import CertificateError, read_ca_bundle, read_certificate
 from balance.tls.server import TLSError
+from balance.tls.transport import TLSClientFactory
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -70,19 +70,13 @@ class TLSClientEndpoint:
 
     def connect(self, factory):
         """Connect; see L{IStreamClientEndpoint.connect}."""
-        tls_factory = TLSMemoryBIOFactory(self._creator, True, factory, clock=self._reactor)
+        tls_factory = TLSClientFactory(self._creator, factory, self._reactor)
         d = self._endpoint.connect(tls_factory)
         d.addCallback(_connected)
         return d
 
 
 def _connected(tls_protocol):
-    # The TLS layer already batches small writes per reactor turn; Nagle's
-    # algorithm on top would hold a request back for the backend's delayed
-    # ACK (40 ms).
-    set_no_delay = getattr(tls_protocol.transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        set_no_delay(True)
     return tls_protocol.wrappedProtocol
 
 

@@ -18,23 +18,23 @@ from balance import _io
 from balance.interfaces import IDrainable
 from balance.tls.server import ServerTLS
 
-#: Seconds a connection may linger after Balance sent its close_notify and
-#: FIN, waiting for the client to close its side, before it is aborted.
+#: Seconds a connection may stay silent after Balance sent its close_notify
+#: and FIN, waiting for the peer to close its side, before it is aborted.
+#: Each read from the peer restarts the wait (as nginx's lingering_timeout).
 LINGER_TIMEOUT = 5.0
 
 
-class _ServerTLSProtocol(TLSMemoryBIOProtocol):
+class TLSProtocol(TLSMemoryBIOProtocol):
     """
-    One client's TLS layer.  Compared with Twisted's:
+    One connection's TLS layer, client or server.  Compared with Twisted's:
 
-      - handshakes are counted (C{ServerTLS.handshakes});
       - the socket gets C{TCP_NODELAY}, and TLS records go straight to the
         socket when nothing is queued (see L{balance._io}), which saves two
         C{epoll_ctl} calls and a loop turn per flight;
       - closing sends close_notify and a FIN at once, instead of waiting,
-        with the socket open, for the client's close_notify (which an idle
-        client may never send); the client may still send until it closes,
-        for at most L{LINGER_TIMEOUT} seconds;
+        with the socket open, for the peer's close_notify (which an idle
+        peer may never send); the peer may still send until it closes, as
+        long as it is not silent for L{LINGER_TIMEOUT} seconds;
       - the wrapper does not copy the socket transport's interfaces onto
         itself (a per-connection C{zope.interface} declaration Balance does
         not use).
@@ -60,11 +60,11 @@ class _ServerTLSProtocol(TLSMemoryBIOProtocol):
         self.wrappedProtocol.makeConnection(self)
         self._checkHandshakeStatus()
 
-    def _checkHandshakeStatus(self):
-        # Twisted calls this only while the handshake is in progress.
-        super()._checkHandshakeStatus()
-        if self._handshakeDone:
-            self.factory.tls.handshakes["success"] += 1
+    def dataReceived(self, data):
+        linger = self._linger
+        if linger is not None and linger.active():
+            linger.reset(LINGER_TIMEOUT)
+        super().dataReceived(data)
 
     def _flushSendBIO(self):
         connection = self._tlsConnection
@@ -88,7 +88,7 @@ class _ServerTLSProtocol(TLSMemoryBIOProtocol):
             both = False
         self._flushSendBIO()
         if both or self._aborted:
-            # The client's close_notify came first (or this is an abort,
+            # The peer's close_notify came first (or this is an abort,
             # which closes the socket itself).
             if not self._aborted:
                 self.transport.loseConnection()
@@ -100,13 +100,41 @@ class _ServerTLSProtocol(TLSMemoryBIOProtocol):
             )
 
     def connectionLost(self, reason):
-        if not self._handshakeDone:
-            self.factory.tls.handshakes["failure"] += 1
         if self._linger is not None:
             if self._linger.active():
                 self._linger.cancel()
             self._linger = None
         super().connectionLost(reason)
+
+
+class _ServerTLSProtocol(TLSProtocol):
+    """A client's TLS layer on a listener; counts how its handshake ended."""
+
+    def _checkHandshakeStatus(self):
+        # Twisted calls this only while the handshake is in progress.
+        super()._checkHandshakeStatus()
+        if self._handshakeDone:
+            self.factory.tls.handshakes["success"] += 1
+
+    def connectionLost(self, reason):
+        if not self._handshakeDone:
+            self.factory.tls.handshakes["failure"] += 1
+        super().connectionLost(reason)
+
+
+class TLSClientFactory(TLSMemoryBIOFactory):
+    """
+    TLS towards a backend, with the connection behaviour of L{TLSProtocol}.
+
+    :param creator: an L{IOpenSSLClientConnectionCreator}.
+    :param wrapped_factory: the factory of the protocol spoken over TLS.
+    :param reactor: an L{IReactorTime}.
+    """
+
+    protocol = TLSProtocol
+
+    def __init__(self, creator, wrapped_factory, reactor):
+        super().__init__(creator, True, wrapped_factory, clock=reactor)
 
 
 @implementer(IDrainable)

@@ -381,3 +381,17 @@ class FactoryTests(ServerTestCase):
         self.assertFalse(hs.transport.disconnecting)
         self.clock.advance(LINGER_TIMEOUT)
         self.assertTrue(hs.transport.disconnecting)
+
+    def test_linger_while_client_sends(self):
+        """After Balance closed its side, a client still sending is not cut off."""
+        self.serve()
+        hs = self.connect("example.com")
+        hs.protocol.loseConnection()
+        hs.pump()
+        for _ in range(3):
+            self.clock.advance(LINGER_TIMEOUT - 1)
+            hs.send(b"more")
+        self.assertFalse(hs.transport.disconnecting)
+        self.assertEqual(hs.inner.data, b"moremoremore")
+        self.clock.advance(LINGER_TIMEOUT)
+        self.assertTrue(hs.transport.disconnecting)
