@@ -73,6 +73,32 @@ class RunTests(unittest.TestCase):
             f.write(text)
         return path
 
+    @inlineCallbacks
+    def echo_proxy(self, drain_timeout: str):
+        """
+        A running twistd with a tcp listener in front of an echo backend.
+
+        :return: (the listener's port, the L{twistd.BalanceProcess}).
+        """
+        backend_port = reactor.listenTCP(0, EchoFactory(), interface="127.0.0.1")
+        self.addCleanup(backend_port.stopListening)
+        port = twistd.free_port()
+        path = self.write_config(
+            f"""
+listeners:
+  - name: tcp
+    listen: "tcp:{port}:interface=127.0.0.1"
+    protocol: tcp
+    cluster: echo
+clusters:
+  - name: echo
+    backends: ["127.0.0.1:{backend_port.getHost().port}"]
+drain_timeout: {drain_timeout}
+"""
+        )
+        proc = yield twistd.start(self, path, port)
+        return port, proc
+
     def shipped_config(self) -> tuple[str, int]:
         """etc/balance.yaml on free ports."""
         ports = [twistd.free_port() for _ in range(3)]
@@ -111,24 +137,7 @@ class RunTests(unittest.TestCase):
         On SIGTERM Balance stops accepting at once, but a transfer already
         in flight through it completes byte for byte; then it exits 0.
         """
-        backend = EchoFactory()
-        backend_port = reactor.listenTCP(0, backend, interface="127.0.0.1")
-        self.addCleanup(backend_port.stopListening)
-        port = twistd.free_port()
-        path = self.write_config(
-            f"""
-listeners:
-  - name: tcp
-    listen: "tcp:{port}:interface=127.0.0.1"
-    protocol: tcp
-    cluster: echo
-clusters:
-  - name: echo
-    backends: ["127.0.0.1:{backend_port.getHost().port}"]
-drain_timeout: 20s
-"""
-        )
-        proc = yield twistd.start(self, path, port)
+        port, proc = yield self.echo_proxy("20s")
         payload = os.urandom(4 * 1024 * 1024)
         client = CheckingClient(payload[: len(payload) // 2], payload, half_close=False)
         yield connect_client(port, client)
@@ -152,24 +161,7 @@ drain_timeout: 20s
         A connection that does not finish within drain_timeout is cut, and
         Balance still exits 0.
         """
-        backend = EchoFactory()
-        backend_port = reactor.listenTCP(0, backend, interface="127.0.0.1")
-        self.addCleanup(backend_port.stopListening)
-        port = twistd.free_port()
-        path = self.write_config(
-            f"""
-listeners:
-  - name: tcp
-    listen: "tcp:{port}:interface=127.0.0.1"
-    protocol: tcp
-    cluster: echo
-clusters:
-  - name: echo
-    backends: ["127.0.0.1:{backend_port.getHost().port}"]
-drain_timeout: 500ms
-"""
-        )
-        proc = yield twistd.start(self, path, port)
+        port, proc = yield self.echo_proxy("500ms")
         client = CheckingClient(b"ping", b"ping", half_close=False)
         yield connect_client(port, client)
         yield wait_for(lambda: client.received == 4, what="the echo")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from itertools import accumulate
 
+from balance.cluster.lb.options import DEFAULT
+
 
 class Weights:
     """
@@ -94,3 +96,31 @@ class Weights:
         if index >= count:
             index = count - 1
         return index if index != first else (first + 1) % count
+
+
+class RandomizedPolicy:
+    """
+    What the policies that draw from an injected ``rng`` over weighted
+    backends share: the backends, their (slow-start aware) weights and the
+    random source.  Subclasses name themselves in ``name`` (for the error
+    when no ``rng`` is given) and implement ``pick``.
+    """
+
+    __slots__ = ("_backends", "_weights", "_rng")
+    name = ""
+
+    def __init__(self, backends=(), options=None):
+        """
+        :param backends: The backends to choose from.
+        :param options: ``rng`` (required), ``slow_start`` and ``clock``.
+        """
+        options = DEFAULT if options is None else options
+        self._rng = options.need_rng(self.name)
+        self._weights = Weights(options.slow_start, options.clock)
+        self._backends: tuple = ()
+        self.update(backends)
+
+    def update(self, backends) -> None:
+        """Replace the backends."""
+        self._backends = tuple(backends)
+        self._weights.update(self._backends)

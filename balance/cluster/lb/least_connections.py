@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from balance.cluster.lb._weights import Weights
-from balance.cluster.lb.options import DEFAULT, Options
+from balance.cluster.lb._weights import RandomizedPolicy, Weights
 from balance.interfaces import ILoadBalancer
 
 
@@ -51,7 +50,7 @@ def least_loaded(backends, weights: Weights, exclude, now, rng):
 
 
 @implementer(ILoadBalancer)
-class LeastConnections:
+class LeastConnections(RandomizedPolicy):
     """
     The eligible backend with the fewest connections (tcp) or requests
     (http) in flight relative to its weight: ``active / weight``.
@@ -62,22 +61,8 @@ class LeastConnections:
     from the injected ``rng``.  Slow start divides by the ramped weight.
     """
 
-    __slots__ = ("_backends", "_weights", "_rng")
-
-    def __init__(self, backends=(), options: Options = DEFAULT):
-        """
-        :param backends: The backends to choose from.
-        :param options: ``rng`` (required), ``slow_start`` and ``clock``.
-        """
-        self._rng = options.need_rng("least_connections")
-        self._weights = Weights(options.slow_start, options.clock)
-        self._backends: tuple = ()
-        self.update(backends)
-
-    def update(self, backends) -> None:
-        """Replace the backends."""
-        self._backends = tuple(backends)
-        self._weights.update(self._backends)
+    __slots__ = ()
+    name = "least_connections"
 
     def pick(self, key=None, exclude=()):
         """

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from balance.cluster.lb._weights import Weights
-from balance.cluster.lb.options import DEFAULT, Options
+from balance.cluster.lb._weights import RandomizedPolicy, Weights
 from balance.cluster.lb.weighted_random import draw
 from balance.interfaces import ILoadBalancer
 
@@ -29,7 +28,7 @@ def two_choices(backends, weights: Weights, exclude, now, rng):
 
 
 @implementer(ILoadBalancer)
-class PowerOfTwo:
+class PowerOfTwo(RandomizedPolicy):
     """
     Two distinct backends drawn at random (in proportion to weight, from
     the injected ``rng``); the one with the lower ``active / weight`` wins,
@@ -41,22 +40,8 @@ class PowerOfTwo:
     least-connections when several balancers share stale counts.
     """
 
-    __slots__ = ("_backends", "_weights", "_rng")
-
-    def __init__(self, backends=(), options: Options = DEFAULT):
-        """
-        :param backends: The backends to choose from.
-        :param options: ``rng`` (required), ``slow_start`` and ``clock``.
-        """
-        self._rng = options.need_rng("power_of_two")
-        self._weights = Weights(options.slow_start, options.clock)
-        self._backends: tuple = ()
-        self.update(backends)
-
-    def update(self, backends) -> None:
-        """Replace the backends."""
-        self._backends = tuple(backends)
-        self._weights.update(self._backends)
+    __slots__ = ()
+    name = "power_of_two"
 
     def pick(self, key=None, exclude=()):
         """

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from balance.cluster.lb._weights import Weights
-from balance.cluster.lb.options import DEFAULT, Options
+from balance.cluster.lb._weights import RandomizedPolicy, Weights
 from balance.interfaces import ILoadBalancer
 
 #: Draws before giving up on luck and drawing from the eligible backends
@@ -62,7 +61,7 @@ def draw(backends, weights: Weights, exclude, now, rng, avoid: int = -1) -> int:
 
 
 @implementer(ILoadBalancer)
-class WeightedRandom:
+class WeightedRandom(RandomizedPolicy):
     """
     A backend drawn at random from the injected ``rng``, each with
     probability in proportion to its weight (ramped by slow start), among
@@ -70,22 +69,8 @@ class WeightedRandom:
     are eligible.
     """
 
-    __slots__ = ("_backends", "_weights", "_rng")
-
-    def __init__(self, backends=(), options: Options = DEFAULT):
-        """
-        :param backends: The backends to choose from.
-        :param options: ``rng`` (required), ``slow_start`` and ``clock``.
-        """
-        self._rng = options.need_rng("random")
-        self._weights = Weights(options.slow_start, options.clock)
-        self._backends: tuple = ()
-        self.update(backends)
-
-    def update(self, backends) -> None:
-        """Replace the backends."""
-        self._backends = tuple(backends)
-        self._weights.update(self._backends)
+    __slots__ = ()
+    name = "random"
 
     def pick(self, key=None, exclude=()):
         """
