@@ -245,7 +245,12 @@ class Exchange:
         if down.denied:
             self.fail(403, "client address denied by the listener")
             return
-        route = down.ctx.router.match(self.host, self.path, self.method, self.headers)
+        ctx = down.ctx
+        if ctx.cert_header is not None:
+            # mTLS: routes see the verified client subject under the
+            # listener's client_cert_header, never a value the client sent.
+            self.headers = ctx.with_client_subject(self.headers, down)
+        route = ctx.router.match(self.host, self.path, self.method, self.headers)
         if route is None:
             self.fail(404, "no route")
             return

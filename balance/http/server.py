@@ -121,6 +121,19 @@ class HTTPContext:
 
     # -- head builders, bound to this listener --------------------------------------
 
+    def with_client_subject(self, request_headers, down):
+        """
+        C{request_headers} with the verified client subject under
+        C{cert_header} in place of any value the client sent, so that
+        C{match.headers} can route on it.
+        """
+        name = self.cert_header
+        kept = [(n, v) for n, v in request_headers if n.lower() != name]
+        subject = client_subject(down)
+        if subject is not None:
+            kept.append((name, subject))
+        return kept
+
     def request_head(self, ex) -> bytes:
         """The request head for the backend; see L{headers.request_head}."""
         down = ex.downstream

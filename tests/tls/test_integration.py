@@ -148,6 +148,11 @@ class ListenerTests(BalanceTLSTestCase):
                   alpn: [http/1.1]
                   client_ca: {write_ca(self.dir, "client_ca")}
                   client_cert_header: x-client-subject
+                routes:
+                  - match: {{path: /route, headers: {{x-client-subject: "CN=mallory"}}}}
+                    direct_response: {{status: 403, body: "spoofed route"}}
+                  - match: {{path: /route, headers: {{x-client-subject: 'CN=alice,O=Example\\, Inc.'}}}}
+                    direct_response: {{status: 200, body: "hello alice"}}
                 cluster: whoami
               - name: sni
                 listen: "tcp:{p["sni"]}:interface=127.0.0.1"
@@ -238,6 +243,19 @@ class ListenerTests(BalanceTLSTestCase):
         self.assertEqual(code, 0, out)
         self.assertIn("x-client-subject: CN=alice", out)
         self.assertNotIn("mallory", out)
+
+    @inlineCallbacks
+    def test_mtls_subject_routing(self):
+        """Routes can match the verified subject; a spoofed header cannot."""
+        code, out = yield run(
+            [require("curl"), "-sS", "--cacert", self.ca, "--cert", self.alice.cert,
+             "--key", self.alice.key, "-H", "X-Client-Subject: CN=mallory",
+             "--resolve", f"www.example.com:{self.ports['mtls']}:127.0.0.1",
+             f"https://www.example.com:{self.ports['mtls']}/route"],
+            timeout=15,
+        )
+        self.assertEqual(code, 0, out)
+        self.assertEqual(out, "hello alice")
 
     @inlineCallbacks
     def test_curl(self):
