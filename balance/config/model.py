@@ -69,7 +69,7 @@ class CircuitBreaker:
 class Pool:
     """Upstream keep-alive pool settings."""
 
-    max_idle_per_backend: int = 64
+    max_idle_per_backend: int = 1024
     idle_timeout: float = 60.0
 
 
