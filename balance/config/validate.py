@@ -705,11 +705,6 @@ def _unsupported_checks(ctx, raw, config: model.Config):
             )
 
 
-unsupported(
-    ("listeners", "allow"),
-    lambda li: li.protocol == "tcp" and bool(li.allow or li.deny),
-    "allow/deny on a tcp listener",
-)
 unsupported(("listeners", "proxy_protocol"), lambda li: li.proxy_protocol, "proxy_protocol")
 unsupported(
     ("listeners", "access_log"),

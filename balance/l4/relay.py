@@ -38,6 +38,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from balance.acl import CidrMatcher
 from balance.cluster.cluster import Cluster, NoBackendAvailable
 from balance.config import model
 from balance.interfaces import IDrainable
@@ -430,6 +431,12 @@ class _UpstreamFactory(Factory):
         return _UpstreamProtocol()
 
 
+def _acl(listener: model.Listener) -> CidrMatcher | None:
+    """The listener's address ACL, or L{None} when it has no lists."""
+    acl = CidrMatcher(listener.allow, listener.deny)
+    return None if acl.empty else acl
+
+
 @implementer(IDrainable)
 class L4ProxyFactory(ServerFactory):
     """
@@ -459,6 +466,7 @@ class L4ProxyFactory(ServerFactory):
         self.clusters = clusters
         self.cluster = clusters[listener.cluster] if listener.cluster is not None else None
         self.router = SNIRouter(listener.routes, listener.cluster) if listener.routes else None
+        self.acl = _acl(listener)
         self._sniff_timeout = listener.timeouts.handshake
         self._reactor = reactor
         self._seconds = reactor.seconds
@@ -478,12 +486,20 @@ class L4ProxyFactory(ServerFactory):
         self.listener = listener
         self.cluster = clusters[listener.cluster] if listener.cluster is not None else None
         self.router = SNIRouter(listener.routes, listener.cluster) if listener.routes else None
+        self.acl = _acl(listener)
         self._sniff_timeout = listener.timeouts.handshake
         self._idle = listener.timeouts.idle
         self._log_context = {"listener": listener.name}
 
-    def buildProtocol(self, addr) -> L4ProxyProtocol:
-        """Make the protocol of one client connection."""
+    def buildProtocol(self, addr) -> L4ProxyProtocol | None:
+        """
+        Make the protocol of one client connection, or refuse it (the
+        socket is closed at once) when the listener's allow/deny lists
+        exclude the client's address.
+        """
+        acl = self.acl
+        if acl is not None and not acl.allowed(getattr(addr, "host", "")):
+            return None
         return L4ProxyProtocol(self)
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import attrs
 from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -407,3 +408,31 @@ class CloseTests(ProxyTestCase):
         self.assertIn("closing connection from 127.0.0.1:", self.warnings()[-1])
         self.assertIn("no backend of cluster api accepted the connection", self.warnings()[-1])
         yield wait_for(lambda: self.factory.active == 0)
+
+
+class AccessListTests(ProxyTestCase):
+    """A tcp listener's allow/deny lists (CONFIG.md: close for tcp)."""
+
+    @inlineCallbacks
+    def test_denied_closed_allowed_relayed(self):
+        """
+        A client whose address a deny list names is closed at once and
+        never reaches a backend; after the list changes to allow it, its
+        bytes are relayed.
+        """
+        echo = EchoFactory()
+        self.start_proxy([echo])
+        self.factory.reconfigure(
+            attrs.evolve(self.factory.listener, deny=("127.0.0.0/8",))
+        )
+        denied = self.client(b"secret", b"", half_close=False)
+        yield denied.lost
+        self.assertEqual(denied.received, 0)
+        self.assertEqual(echo.protocols, [])
+        self.factory.reconfigure(
+            attrs.evolve(self.factory.listener, deny=(), allow=("127.0.0.1/32",))
+        )
+        allowed = self.client(b"hello")
+        yield allowed.lost
+        self.assertTrue(allowed.complete)
+        self.assertEqual(len(echo.protocols), 1)
