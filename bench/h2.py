@@ -35,7 +35,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,12 +43,14 @@ from http1 import (  # bench/ is not a package: its directory is on sys.path
     Fatal,
     Procs,
     Skip,
+    _f,
     _nginx_common,
     _nginx_http_common,
     _nofile,
     check_cpus,
     cpu_model,
     free_port,
+    in_workdir,
     origin_conf,
     say,
     tree_cpu_seconds,
@@ -314,10 +315,6 @@ def summarize(runs: list[dict], peers: list[str], modes: list[str]) -> list[dict
     return rows
 
 
-def _f(v, fmt: str, unit: str = "") -> str:
-    return "-" if v is None else format(v, fmt) + unit
-
-
 def markdown_table(rows: list[dict]) -> str:
     out = [
         "| mode | peer | runs | req/s | proxy CPU us/req | proxy core busy "
@@ -447,19 +444,11 @@ def main(argv=None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
-    d = tempfile.mkdtemp(prefix="balance-bench-h2-")
-    procs = Procs()
     try:
-        runs, skipped, info = run(a, procs, d)
+        runs, skipped, info = in_workdir("balance-bench-h2-", a.keep, lambda p, d: run(a, p, d))
     except Fatal as e:
         say(f"error: {e}")
         return 2
-    finally:
-        procs.stop_all()
-        if a.keep:
-            say(f"configs and logs kept in {d}")
-        else:
-            shutil.rmtree(d, ignore_errors=True)
     rows = summarize(runs, a.peer_list, a.mode_list)
     lines = [
         "## Balance HTTP/2 side-by-side benchmark",

@@ -881,6 +881,24 @@ def run(a: argparse.Namespace, procs: Procs, workdir: str) -> tuple[list[dict], 
     return runs, skipped, info
 
 
+def in_workdir(prefix: str, keep: bool, body):
+    """
+    Run C{body(procs, workdir)} in a fresh temporary directory and stop
+    every process it started afterwards, whatever happens; the directory
+    is removed unless C{keep}.
+    """
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    procs = Procs()
+    try:
+        return body(procs, workdir)
+    finally:
+        procs.stop_all()
+        if keep:
+            say(f"configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
@@ -893,22 +911,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
-    workdir = tempfile.mkdtemp(prefix="balance-bench-")
-    procs = Procs()
     try:
-        runs, skipped, info = run(a, procs, workdir)
+        runs, skipped, info = in_workdir("balance-bench-", a.keep, lambda p, d: run(a, p, d))
     except Fatal as e:
         say(f"error: {e}")
         return 2
     except KeyboardInterrupt:
         say("interrupted")
         return 130
-    finally:
-        procs.stop_all()
-        if a.keep:
-            say(f"configs and logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     rows = summarize(runs, a.peer_list)
     cmd = ["python3", "bench/http1.py", *argv]
     text = report(a, info, rows, skipped, cmd)

@@ -40,7 +40,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +53,7 @@ from http1 import (
     cpu_busy_seconds,
     cpu_model,
     free_port,
+    in_workdir,
     say,
     tree_cpu_seconds,
     version_of,
@@ -371,19 +371,13 @@ def main(argv=None) -> int:
         say("bench/tls.py needs Linux (/proc, CPU affinity)")
         return 2
     signal.signal(signal.SIGTERM, lambda s, f: sys.exit(128 + s))
-    d = tempfile.mkdtemp(prefix="balance-bench-tls-")
-    procs = Procs()
     try:
-        runs, skipped, resumed = run(a, procs, d)
+        runs, skipped, resumed = in_workdir(
+            "balance-bench-tls-", a.keep, lambda p, d: run(a, p, d)
+        )
     except Fatal as e:
         say(f"error: {e}")
         return 2
-    finally:
-        procs.stop_all()
-        if a.keep:
-            say(f"configs and logs kept in {d}")
-        else:
-            shutil.rmtree(d, ignore_errors=True)
     rows = summarize(runs, a.peer_list, a.mode_list)
     cmd = shlex.join(["python3", "bench/tls.py", *argv])
     lines = [

@@ -435,6 +435,7 @@ class _Collector:
 
     def collect(self):
         m = self._metrics
+        families = self.describe()
         (
             connections,
             active,
@@ -451,7 +452,7 @@ class _Collector:
             breaker,
             health,
             reloads,
-        ) = self.describe()
+        ) = families
 
         for lm in m._listeners.values():
             labels = (lm.listener,)
@@ -494,20 +495,4 @@ class _Collector:
         for result, n in m.config_reloads.items():
             reloads.add_metric((result,), n)
 
-        return [
-            connections,
-            active,
-            requests,
-            duration,
-            upstream,
-            connect_failures,
-            up,
-            backend_active,
-            received,
-            sent,
-            tls,
-            rate_limited,
-            breaker,
-            health,
-            reloads,
-        ]
+        return families
