@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -60,6 +61,19 @@ def need_tool(name: str, package: str | None = None, aliases=()) -> str:
     if os.environ.get("CI", "").lower() == "true":
         raise AssertionError(message + "; CI must have it")
     raise SkipTest(message)
+
+
+def unix_socket_path(testcase, name: str = "sock") -> str:
+    """
+    A fresh path for a Unix socket, removed after C{testcase}.
+
+    AF_UNIX paths are limited to 108 bytes, which a deep checkout overruns
+    under trial's temp directory, so the socket lives in a short private
+    directory under /tmp instead.
+    """
+    directory = tempfile.mkdtemp(prefix="balance-", dir="/tmp")
+    testcase.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, name)
 
 
 def free_port() -> int:

@@ -6,11 +6,12 @@ import socket
 from twisted.trial import unittest
 
 from balance.sdnotify import notify
+from tests.helpers import unix_socket_path
 
 
 class NotifyTests(unittest.TestCase):
     def listen(self) -> tuple[socket.socket, str]:
-        path = os.path.abspath(self.mktemp())
+        path = unix_socket_path(self, "notify")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(path)
         sock.settimeout(5)

@@ -13,7 +13,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from tests.helpers import CheckingClient, EchoFactory, connect_client, need_tool, wait_for
+from tests.helpers import (
+    CheckingClient,
+    EchoFactory,
+    connect_client,
+    need_tool,
+    unix_socket_path,
+    wait_for,
+)
 from tests.integration import twistd
 
 ETC = os.path.join(twistd.ROOT, "etc")
@@ -247,7 +254,7 @@ drain_timeout: {drain_timeout}
         Under systemd (Type=notify) Balance says READY=1 once it listens and
         STOPPING=1 when it starts draining.
         """
-        notify_path = os.path.abspath(self.mktemp())
+        notify_path = unix_socket_path(self, "notify")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(notify_path)
         sock.setblocking(False)
