@@ -17,6 +17,7 @@ from balance.http.sniff import HTTPProtocols
 from balance.l4.relay import L4ProxyFactory
 from balance.listener import ListenerService
 from balance.observe.accesslog import AccessLog
+from balance.proxyproto import ProxyHeaderFactory
 from balance.tls.server import ServerTLS
 from balance.tls.transport import wrap as wrap_tls
 
@@ -24,8 +25,10 @@ _log = Logger()
 
 
 def _inner(factory):
-    """The listener's own factory, under a TLS wrapper if there is one."""
-    return getattr(factory, "wrappedFactory", factory)
+    """The listener's own factory, under its PROXY and TLS wrappers if it has them."""
+    while hasattr(factory, "wrappedFactory"):
+        factory = factory.wrappedFactory
+    return factory
 
 
 class Builder:
@@ -115,6 +118,9 @@ class Builder:
             )
             tls.setServiceParent(root.listeners)
             factory = wrap_tls(tls, factory, reactor)
+        if listener.proxy_protocol:
+            # Outermost: the header comes before a TLS ClientHello.
+            factory = ProxyHeaderFactory(factory, reactor, listener.timeouts.handshake)
         svc = ListenerService(listener.listen, factory, reactor, root.config.drain_timeout)
         svc.setName(listener.name)
         svc.setServiceParent(root.listeners)

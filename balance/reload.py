@@ -82,6 +82,7 @@ def _same_socket(old: model.Listener, new: model.Listener) -> bool:
     return (
         old.listen == new.listen
         and old.protocol == new.protocol
+        and old.proxy_protocol == new.proxy_protocol
         and (old.tls is None) == (new.tls is None)
     )
 

@@ -705,7 +705,6 @@ def _unsupported_checks(ctx, raw, config: model.Config):
             )
 
 
-unsupported(("listeners", "proxy_protocol"), lambda li: li.proxy_protocol, "proxy_protocol")
 unsupported(
     ("listeners", "access_log"),
     lambda li: li.access_log is not None and li.protocol == "tcp",
@@ -718,8 +717,8 @@ unsupported(
 )
 unsupported(
     ("clusters", "send_proxy_protocol"),
-    lambda c: c.send_proxy_protocol is not None,
-    "send_proxy_protocol",
+    lambda c: c.send_proxy_protocol is not None and c.tls is not None,
+    "send_proxy_protocol together with cluster tls",
 )
 unsupported(("routes", "websocket"), lambda r: r.websocket, "websocket")
 unsupported(
@@ -730,7 +729,6 @@ unsupported(
 unsupported(
     ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
 )
-unsupported(("", "workers"), lambda c: c.workers != 1, "more than one worker")
 unsupported(("", "tracing"), lambda c: c.tracing is not None, "tracing")
 
 

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from balance import _io
 from balance.http import message
 from balance.http.proxy import ERROR_BODIES, Exchange, local_response
+from balance.proxyproto import client_address, host_bytes
 
 _MAX_HEADERS = 128
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -96,8 +97,8 @@ class DownstreamConnection(Protocol):
 
     def connectionMade(self):
         transport = self.transport
-        peer = transport.getPeer()
-        self.client_ip = getattr(peer, "host", "").encode("ascii") or b"unix"
+        peer = client_address(transport)
+        self.client_ip = host_bytes(peer)
         self.client_port = getattr(peer, "port", 0)
         self._direct = _io.can_send_directly(transport)
         if self._direct:

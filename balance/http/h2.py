@@ -58,6 +58,7 @@ from balance.http.h2_guard import FrameGuard
 from balance.http.h2_headers import MAX_FIELDS, RequestError, read_request, route_reply
 from balance.http.h2_stream import H2Stream
 from balance.http.proxy import Exchange
+from balance.proxyproto import client_address, host_bytes
 
 __all__ = ["H2Options", "H2DownstreamConnection", "MAX_CONCURRENT_STREAMS"]
 
@@ -217,8 +218,8 @@ class H2DownstreamConnection(Protocol):
 
     def connectionMade(self):
         transport = self.transport
-        peer = transport.getPeer()
-        self.client_ip = getattr(peer, "host", "").encode("ascii") or b"unix"
+        peer = client_address(transport)
+        self.client_ip = host_bytes(peer)
         self.client_port = getattr(peer, "port", 0)
         self._direct = _io.can_send_directly(transport)
         if self._direct:

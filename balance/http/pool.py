@@ -7,6 +7,13 @@ One L{BackendPool} per backend keeps idle upstream connections on a stack
 closed by the backend), up to C{pool.max_idle_per_backend}, and closes those
 idle longer than C{pool.idle_timeout} with one sweep timer per pool rather
 than a timer per connection.
+
+With C{send_proxy_protocol}, a connection starts with a PROXY header that
+names one client connection (its address and port), so it may only carry
+that client connection's requests: like HAProxy, which reuses a connection
+only for requests with the same PROXY block, idle connections are then
+kept by header (L{BackendPool.take} with a C{key}), and those of a client
+connection are closed when it closes.
 """
 
 from __future__ import annotations
@@ -45,16 +52,23 @@ class BackendPool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.idle: list[UpstreamConnection] = []
+        #: Idle connections that began with a PROXY header, by header.
+        self.private: dict[bytes, list[UpstreamConnection]] = {}
+        self._private_count = 0
         self._factory = _UpstreamFactory(self)
         self._sweeper = None
         self.closed = False
 
-    def take(self) -> UpstreamConnection | None:
+    def take(self, key: bytes | None = None) -> UpstreamConnection | None:
         """
         Pop the most recently used idle connection that is still usable.
 
+        :param key: the PROXY header the connection must have begun with
+            (L{None}: connections without one).
         :return: a connection, or L{None} if a new one must be made.
         """
+        if key is not None:
+            return self._take_private(key)
         idle = self.idle
         while idle:
             conn = idle.pop()
@@ -62,38 +76,84 @@ class BackendPool:
                 return conn
         return None
 
-    def connect(self):
+    def connect(self, key: bytes | None = None):
         """
         Open a new connection to the backend.
 
+        :param key: a PROXY header to send first on it; the connection is
+            then reused only for the same header.
         :return: a Deferred firing with the L{UpstreamConnection}, or failing
             with the connect error (refused, timed out, unresolvable).
         """
-        return self.backend.endpoint.connect(self._factory)
+        d = self.backend.endpoint.connect(self._factory)
+        if key is not None:
+            d.addCallback(_begin_with, key)
+        return d
 
     def release(self, conn: UpstreamConnection) -> None:
         """
         Take back C{conn} after a complete exchange: keep it idle for reuse,
         or close it when the pool is full.
         """
-        if len(self.idle) >= self.max_idle or self.closed or not conn.usable():
+        if (
+            len(self.idle) + self._private_count >= self.max_idle
+            or self.closed
+            or not conn.usable()
+        ):
             conn.close()
             return
         conn.idle_since = self._reactor.seconds()
-        self.idle.append(conn)
+        key = conn.proxy_header
+        if key is None:
+            self.idle.append(conn)
+        else:
+            self.private.setdefault(key, []).append(conn)
+            self._private_count += 1
         if self._sweeper is None:
             self._sweeper = self._reactor.callLater(self.idle_timeout, self._sweep)
 
+    def _take_private(self, key: bytes) -> UpstreamConnection | None:
+        conns = self.private.get(key)
+        while conns:
+            conn = conns.pop()
+            self._private_count -= 1
+            if not conns:
+                del self.private[key]
+            if conn.usable():
+                return conn
+        return None
+
     def discard(self, conn: UpstreamConnection) -> None:
         """Forget C{conn}: the backend closed it while idle."""
+        key = conn.proxy_header
+        if key is not None:
+            conns = self.private.get(key, ())
+            if conn in conns:
+                conns.remove(conn)
+                self._private_count -= 1
+                if not conns:
+                    del self.private[key]
+            return
         try:
             self.idle.remove(conn)
         except ValueError:
             pass
 
+    def close_private(self, key: bytes) -> None:
+        """Close the idle connections that began with PROXY header C{key}."""
+        conns = self.private.pop(key, None)
+        if conns:
+            self._private_count -= len(conns)
+            for conn in conns:
+                conn.close()
+
     def close_idle(self) -> None:
         """Close every idle connection (on stop or reload)."""
         idle, self.idle = self.idle, []
+        for conns in self.private.values():
+            idle.extend(conns)
+        self.private = {}
+        self._private_count = 0
         for conn in idle:
             conn.close()
         if self._sweeper is not None and self._sweeper.active():
@@ -110,9 +170,29 @@ class BackendPool:
             else:
                 keep.append(conn)
         self.idle = keep
-        if keep:
-            delay = max(keep[0].idle_since - cutoff, 0.05)
+        oldest = keep[0].idle_since if keep else None
+        for key, conns in list(self.private.items()):
+            left = [c for c in conns if c.idle_since > cutoff]
+            for conn in conns:
+                if conn.idle_since <= cutoff:
+                    conn.close()
+            self._private_count -= len(conns) - len(left)
+            if left:
+                self.private[key] = left
+                if oldest is None or left[0].idle_since < oldest:
+                    oldest = left[0].idle_since
+            else:
+                del self.private[key]
+        if oldest is not None:
+            delay = max(oldest - cutoff, 0.05)
             self._sweeper = self._reactor.callLater(delay, self._sweep)
+
+
+def _begin_with(conn: UpstreamConnection, header: bytes) -> UpstreamConnection:
+    """Queue the PROXY C{header} first on a new connection (sent with the request head)."""
+    conn.proxy_header = header
+    conn.write(header)
+    return conn
 
 
 class PoolSet:
@@ -143,6 +223,16 @@ class PoolSet:
         """Close the idle connections of every pool."""
         for pool in self._pools.values():
             pool.close_idle()
+
+    def close_private(self, keys) -> None:
+        """
+        Close the idle connections that began with one of the PROXY
+        headers C{keys}: the client connection they belong to closed.
+        """
+        for pool in self._pools.values():
+            if pool.private:
+                for key in keys:
+                    pool.close_private(key)
 
     def drop(self, backends) -> None:
         """

@@ -188,6 +188,7 @@ class Exchange:
         "t_sent",
         "_slot",
         "_counted",
+        "proxy_header",
     )
 
     def __init__(self, downstream):
@@ -236,6 +237,8 @@ class Exchange:
         self._slot = False
         # The try in flight counts in backend.active (until _end_try).
         self._counted = False
+        # send_proxy_protocol: the header upstream connections begin with.
+        self.proxy_header = None
 
     # -- starting ------------------------------------------------------------
 
@@ -370,8 +373,11 @@ class Exchange:
                 if deadline < rs.route_deadline:
                     self.deadline = deadline
                     down.arm(deadline)
-        self.pool = down.ctx.pools.get(backend, cluster.model.pool)
-        conn = self.pool.take()
+        model = cluster.model
+        self.pool = down.ctx.pools.get(backend, model.pool)
+        if model.send_proxy_protocol is not None:
+            self.proxy_header = down.ctx.proxy_header(down, model.send_proxy_protocol)
+        conn = self.pool.take(self.proxy_header)
         if conn is not None:
             self._send(conn)
             return
@@ -411,7 +417,7 @@ class Exchange:
         # resumes reading once it has taken what we hold.
         self.downstream.pause_reading()
         pool = self.pool
-        d = pool.connect()
+        d = pool.connect(self.proxy_header)
         if self.rs is not None:
             self.rs.connecting = d
         d.addCallbacks(

@@ -18,6 +18,7 @@ from balance.http.h1 import DownstreamConnection
 from balance.http.router import Router
 from balance.http.sniff import HTTPProtocols
 from balance.observe.metrics import NO_ROUTE, Metrics
+from balance.proxyproto import client_address, encode, server_address
 from balance.ratelimit import build_store
 from balance.ratelimit.limiter import RateLimiter
 from balance.tls.transport import peer_subject
@@ -143,6 +144,24 @@ class HTTPContext:
             ex, down.client_ip, self.proto, self.cert_header, client_subject(down)
         )
 
+    def proxy_header(self, down, version: str) -> bytes:
+        """
+        The PROXY header (C{send_proxy_protocol}) for the client connection
+        of C{down} (a connection or an HTTP/2 stream), made once per
+        connection and version.
+        """
+        holder = getattr(down, "conn", down)
+        made = getattr(holder, "proxy_headers", None)
+        if made is None:
+            made = holder.proxy_headers = {}
+        header = made.get(version)
+        if header is None:
+            transport = holder.transport
+            header = made[version] = encode(
+                version, client_address(transport), server_address(transport)
+            )
+        return header
+
     def response_head(
         self, ex, status: int, phrase: bytes, response_headers, set_cookie: bytes | None = None
     ) -> bytes:
@@ -166,6 +185,11 @@ class HTTPContext:
 
     def connection_lost(self, conn: DownstreamConnection) -> None:
         self.connections.discard(conn)
+        made = getattr(conn, "proxy_headers", None)
+        if made:
+            # Pooled connections that began with this client's PROXY
+            # header can serve no one else.
+            self.pools.close_private(made.values())
         self.listener_metrics.active -= 1
         if not self.connections and self._drained:
             waiting, self._drained = self._drained, []

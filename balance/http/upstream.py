@@ -64,6 +64,7 @@ class UpstreamConnection(Protocol):
         "_complete",
         "client_full",
         "breakers",
+        "proxy_header",
     )
 
     def __init__(self, pool):
@@ -77,6 +78,7 @@ class UpstreamConnection(Protocol):
         self._wbuf = []
         self.client_full = False
         self.breakers = None
+        self.proxy_header = None
         self._reset()
 
     def _reset(self):

@@ -43,6 +43,7 @@ from balance.cluster.cluster import Cluster, NoBackendAvailable
 from balance.config import model
 from balance.interfaces import IDrainable
 from balance.l4.sni import ClientHello, ClientHelloParser, NotTLS, SNIRouter
+from balance.proxyproto import client_address, encode, server_address
 
 
 class _State(enum.Enum):
@@ -89,7 +90,7 @@ def _shut_down_writes(transport) -> None:
 
 
 def _describe_peer(transport) -> str:
-    peer = transport.getPeer()
+    peer = client_address(transport)
     host, port = getattr(peer, "host", None), getattr(peer, "port", None)
     if host is None:
         return str(peer)
@@ -261,6 +262,10 @@ class L4ProxyProtocol:
         upstream._session = self
         down = self.transport
         up = self._up = upstream.transport
+        version = self._cluster.model.send_proxy_protocol
+        if version is not None:
+            # First on the connection, before the client's bytes.
+            up.write(encode(version, client_address(down), server_address(down)))
         early, self._early = self._early, None
         if early:
             up.write(early)

@@ -370,13 +370,32 @@ class ErrorTests(unittest.TestCase):
         Contract keys of features this version lacks are refused by name,
         never silently ignored.
         """
-        [error] = self.errors(
-            GOOD.replace("protocol: tcp", "protocol: tcp\n    proxy_protocol: true")
-        )
+        [error] = self.errors(GOOD + "tracing: {service_name: balance}\n")
         self.assertEqual(
             error,
-            "t.yaml:5: listeners[0].proxy_protocol: proxy_protocol is not implemented in "
-            "this version of Balance",
+            "t.yaml:11: tracing: tracing is not implemented in this version of Balance",
+        )
+
+    def test_proxy_protocol(self):
+        """
+        proxy_protocol and send_proxy_protocol (v1, v2) are accepted, and
+        workers N or auto.
+        """
+        config = check(
+            GOOD.replace("protocol: tcp", "protocol: tcp\n    proxy_protocol: true")
+            + "    send_proxy_protocol: v2\nworkers: auto\n"
+        )
+        self.assertTrue(config.listeners[0].proxy_protocol)
+        self.assertEqual(config.cluster("demo").send_proxy_protocol, "v2")
+        self.assertEqual(config.workers, 0)
+
+    def test_send_proxy_protocol_tls(self):
+        """A PROXY header cannot go before backend TLS in this version: refused by name."""
+        [error] = self.errors(GOOD + "    send_proxy_protocol: v1\n    tls: {verify: false}\n")
+        self.assertEqual(
+            error,
+            "t.yaml:11: clusters[0].send_proxy_protocol: send_proxy_protocol together with "
+            "cluster tls is not implemented in this version of Balance",
         )
 
     def test_load_config_syntax(self):

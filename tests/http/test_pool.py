@@ -20,6 +20,11 @@ class FakeConnection:
         self.name = name
         self.open = True
         self.idle_since = 0.0
+        self.proxy_header = None
+        self.written = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
 
     def usable(self) -> bool:
         return self.open
@@ -93,6 +98,73 @@ class BackendPoolTests(SynchronousTestCase):
         self.pool.close_idle()
         self.assertFalse(a.open)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class PrivatePoolTests(SynchronousTestCase):
+    """
+    With send_proxy_protocol, connections begin with a client's PROXY
+    header and are reused only for that header (HAProxy's rule).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.pool = BackendPool(self.clock, object(), max_idle=3, idle_timeout=10.0)
+
+    def conn(self, name, key):
+        from balance.http.pool import _begin_with
+
+        return _begin_with(FakeConnection(name), key)
+
+    def test_reuse_by_header(self):
+        a, b = self.conn("a", b"A"), self.conn("b", b"B")
+        self.assertEqual(a.written, [b"A"])
+        plain = FakeConnection("plain")
+        for c in (a, b, plain):
+            self.pool.release(c)
+        self.assertIs(self.pool.take(b"B"), b)
+        self.assertIsNone(self.pool.take(b"B"))
+        self.assertIs(self.pool.take(), plain)
+        self.assertIsNone(self.pool.take())
+        a.open = False
+        self.assertIsNone(self.pool.take(b"A"))
+        self.assertEqual(self.pool.private, {})
+
+    def test_limits_count_both(self):
+        """max_idle counts private and shared idle connections together."""
+        conns = [self.conn(str(i), b"K%d" % i) for i in range(3)] + [FakeConnection("x")]
+        for c in conns:
+            self.pool.release(c)
+        self.assertFalse(conns[3].open)
+        self.pool.discard(conns[0])
+        self.pool.discard(conns[0])
+        self.assertNotIn(b"K0", self.pool.private)
+        self.pool.close_private(b"K1")
+        self.assertFalse(conns[1].open)
+        self.pool.close_private(b"nothing")
+        self.pool.close_idle()
+        self.assertFalse(conns[2].open)
+        self.assertEqual(self.pool.private, {})
+
+    def test_sweep(self):
+        old, young = self.conn("old", b"O"), self.conn("young", b"Y")
+        self.pool.release(old)
+        self.clock.advance(6)
+        self.pool.release(young)
+        self.clock.advance(4.5)
+        self.assertEqual((old.open, young.open), (False, True))
+        self.assertEqual(list(self.pool.private), [b"Y"])
+        self.clock.advance(6)
+        self.assertFalse(young.open)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_pool_set_close_private(self):
+        pools = PoolSet(self.clock)
+        pool = pools.get(object(), model.Pool(max_idle_per_backend=3, idle_timeout=5.0))
+        pools.get(object(), model.Pool(max_idle_per_backend=3, idle_timeout=5.0))
+        c = self.conn("c", b"C")
+        pool.release(c)
+        pools.close_private([b"C"])
+        self.assertFalse(c.open)
 
 
 class PoolSetTests(SynchronousTestCase):
