@@ -19,6 +19,8 @@ so).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -76,6 +78,48 @@ def diff(old: model.Config, new: model.Config) -> dict:
         if getattr(old, key) != getattr(new, key)
     )
     return changes
+
+
+def _namespace(value):
+    """JSON data as attribute objects that compare by value, as the model does."""
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_namespace(v) for v in value)
+    return value
+
+
+def diff_views(old: dict, new: dict) -> dict:
+    """
+    L{diff} of two configs given as C{GET /config} JSON (see
+    L{balance.admin.views.config_view}): what a reload from C{old} to
+    C{new} would change.  Secrets are redacted on both sides alike.
+    """
+    return diff(_namespace(old), _namespace(new))
+
+
+def describe_changes(changes: dict) -> list[str]:
+    """
+    L{diff}'s answer as lines for people: one per kind of change, or
+    C{"no changes"}.
+    """
+    lines = []
+    for section in ("listeners", "clusters"):
+        for what in ("added", "removed", "changed"):
+            names = changes[section][what]
+            if names:
+                lines.append(f"{section} {what}: {', '.join(names)}")
+    for name, count in sorted(changes["routes"].items()):
+        lines.append(f"routes of listener {name} changed: {count['before']} -> {count['after']}")
+    for name, entry in sorted(changes["backends"].items()):
+        for what in ("added", "removed", "changed"):
+            if entry[what]:
+                lines.append(f"backends of cluster {name} {what}: {', '.join(entry[what])}")
+    if changes["restart_needed"]:
+        lines.append(
+            "needs a restart (not applied by a reload): " + ", ".join(changes["restart_needed"])
+        )
+    return lines or ["no changes"]
 
 
 def _same_socket(old: model.Listener, new: model.Listener) -> bool:

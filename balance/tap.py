@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from balance.config.validate import ConfigError, load_config
+from balance.reload import describe_changes, diff, diff_views
 
 _log = Logger()
 
@@ -24,14 +25,23 @@ class Options(usage.Options):
     the error lines and exit status 1 rather than a traceback.
     """
 
-    synopsis = "--config FILE [--check]"
+    synopsis = "--config FILE [--check [--diff-against OLD]]"
     longdesc = (
         "Run Balance, an L4/L7 proxy and load balancer, on a YAML config file. "
         "With --check, only validate the file: print 'FILE: OK' or the errors "
-        "and exit 0 or 1, like nginx -t."
+        "and exit 0 or 1, like nginx -t.  With --diff-against OLD (a config file, or "
+        "the URL of a running Balance's GET /config), also print what a reload from "
+        "OLD to this file would change."
     )
     optParameters = [
         ["config", "c", None, "The YAML config file."],
+        [
+            "diff-against",
+            None,
+            None,
+            "With --check: a config file, or an admin URL such as "
+            "http://127.0.0.1:9901/config (token in $BALANCE_ADMIN_TOKEN), to compare with.",
+        ],
     ]
     optFlags = [
         ["check", None, "Validate the config file and exit without starting anything."],
@@ -49,9 +59,55 @@ class Options(usage.Options):
             for line in e.errors:
                 print(line, file=sys.stderr)
             sys.exit(1)
-        if self["check"]:
+        if self["check"] or self["diff-against"]:
             print(f"{path}: OK")
+            old = self["diff-against"]
+            if old:
+                try:
+                    changes = diff_against(self.model, old)
+                except ValueError as e:
+                    print(str(e), file=sys.stderr)
+                    sys.exit(1)
+                print(f"a reload from {old} would change:")
+                for line in describe_changes(changes):
+                    print("  " + line)
             sys.exit(0)
+
+
+def diff_against(new, old: str) -> dict:
+    """
+    What a reload from C{old} to the config C{new} would change.
+
+    :param old: a config file path, or an C{http(s)://} URL answering the
+        config in effect as JSON (the admin API's C{GET /config}), fetched
+        with C{Authorization: Bearer $BALANCE_ADMIN_TOKEN} when set.
+    :raise ValueError: with a message, when C{old} cannot be read.
+    """
+    from balance.admin.views import config_view
+
+    if old.startswith(("http://", "https://")):
+        import json
+        import os
+        import urllib.request
+
+        request = urllib.request.Request(old, headers={"Accept": "application/json"})
+        token = os.environ.get("BALANCE_ADMIN_TOKEN")
+        if token:
+            request.add_header("Authorization", f"Bearer {token.strip()}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                running = json.loads(response.read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{old}: cannot read the running config: {e}") from None
+        if not isinstance(running, dict) or "listeners" not in running:
+            raise ValueError(f"{old}: not a Balance GET /config answer")
+        return diff_views(running, config_view(new))
+    try:
+        previous = load_config(old)
+    except ConfigError as e:
+        message = "\n".join([f"{old}: cannot compare with an invalid config:", *e.errors])
+        raise ValueError(message) from None
+    return diff(previous, new)
 
 
 def _install_signal_handlers(reactor, root) -> None:
