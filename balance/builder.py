@@ -7,6 +7,7 @@ reloader, which also swaps and retires them.
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.logger import Logger
 
 from balance.cluster.cluster import Cluster
@@ -98,13 +99,28 @@ class Builder:
             rate_limit_store=root.rate_limit_store,
         )
 
-    def listener(self, root, listener: model.Listener, start: bool = False) -> ListenerService:
+    def listener(
+        self, root, listener: model.Listener, start: bool = False
+    ) -> ListenerService | None:
         """
         Make the service of C{listener} (binding when started).
 
         :param start: start it now (a listener added by a reload).
+        :return: the service, or L{None} in a worker that has no socket
+            for it from its parent (it serves after a restart).
         """
         reactor = self._reactor
+        endpoint = None
+        if root.fixed_sockets:
+            adopted = root.adopted.pop(listener.name, None)
+            if adopted is None:
+                _log.warn(
+                    "listener {name}: no socket from the workers' parent; "
+                    "it will listen after a restart",
+                    name=listener.name,
+                )
+                return None
+            endpoint = AdoptedStreamServerEndpoint(reactor, *adopted)
         if listener.protocol == "http":
             factory = HTTPFactory(self.context(root, listener))
         else:
@@ -121,7 +137,9 @@ class Builder:
         if listener.proxy_protocol:
             # Outermost: the header comes before a TLS ClientHello.
             factory = ProxyHeaderFactory(factory, reactor, listener.timeouts.handshake)
-        svc = ListenerService(listener.listen, factory, reactor, root.config.drain_timeout)
+        svc = ListenerService(
+            listener.listen, factory, reactor, root.config.drain_timeout, endpoint=endpoint
+        )
         svc.setName(listener.name)
         svc.setServiceParent(root.listeners)
         return svc

@@ -34,7 +34,7 @@ class ListenerService(StreamServerEndpointService):
 
     log = Logger()
 
-    def __init__(self, description: str, factory, reactor, drain_timeout: float):
+    def __init__(self, description: str, factory, reactor, drain_timeout: float, endpoint=None):
         """
         @param description: A Twisted server endpoint string (C{tcp:},
             C{tcp6:}, C{unix:}, C{systemd:}, ...), already validated.
@@ -42,10 +42,14 @@ class ListenerService(StreamServerEndpointService):
         @param reactor: The reactor to listen with and to time the drain.
         @param drain_timeout: Seconds in-flight connections may take to
             finish on stop.
+        @param endpoint: The server endpoint to listen on instead of
+            C{description}'s (a worker's socket adopted from its parent).
 
         @raise ValueError: If C{description} is not a valid endpoint string.
         """
-        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        if endpoint is None:
+            endpoint = endpoints.serverFromString(reactor, description)
+        super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.description = description
         self.port = None

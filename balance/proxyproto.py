@@ -271,9 +271,12 @@ def encode(version: str | int, source, destination) -> bytes:
         return V2_SIGNATURE + bytes((0x20 | _PROXY, 0x00)) + b"\x00\x00"
     family = _AF_INET if src.version == 4 else _AF_INET6
     body = src.packed + dst.packed + struct.pack("!HH", source.port, destination.port)
-    return V2_SIGNATURE + bytes((0x20 | _PROXY, family << 4 | _STREAM)) + struct.pack(
-        "!H", len(body)
-    ) + body
+    return (
+        V2_SIGNATURE
+        + bytes((0x20 | _PROXY, family << 4 | _STREAM))
+        + struct.pack("!H", len(body))
+        + body
+    )
 
 
 # -- addresses -----------------------------------------------------------------

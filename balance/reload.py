@@ -122,6 +122,20 @@ def describe_changes(changes: dict) -> list[str]:
     return lines or ["no changes"]
 
 
+def socket_changes(old, new) -> list[str]:
+    """
+    The listeners that a reload from C{old} to C{new} would bind, close or
+    move to another socket (added, removed, or another address, protocol,
+    TLS-ness or PROXY-ness), sorted by name.
+    """
+    before, after = _by_name(old.listeners), _by_name(new.listeners)
+    return sorted(
+        name
+        for name in before.keys() | after.keys()
+        if name not in before or name not in after or not _same_socket(before[name], after[name])
+    )
+
+
 def _same_socket(old: model.Listener, new: model.Listener) -> bool:
     return (
         old.listen == new.listen
@@ -172,6 +186,9 @@ class Reloader:
                 )
             return {"ok": False, "dry_run": dry_run, "errors": e.errors, "changes": None}
         changes = diff(root.config, new)
+        if root.fixed_sockets and socket_changes(root.config, new):
+            # A worker cannot bind: its parent holds the sockets.
+            changes["restart_needed"].append("listeners")
         if dry_run:
             return {"ok": True, "dry_run": True, "errors": [], "changes": changes}
         self._apply(new)
@@ -214,17 +231,22 @@ class Reloader:
 
         old_listeners = _by_name(old.listeners)
         services = {svc.name: svc for svc in root.listeners if svc.name in old_listeners}
+        fixed = root.fixed_sockets
         for listener in new.listeners:
             previous = old_listeners.get(listener.name)
             svc = services.get(listener.name)
             if previous is not None and svc is not None and _same_socket(previous, listener):
                 builder.swap_listener(root, svc, listener)
                 continue
+            if fixed:
+                # Sockets stay as the workers' parent bound them until a
+                # restart.
+                continue
             if svc is not None:
                 builder.retire_listener(root, svc)
             builder.listener(root, listener, start=True)
         for name in old_listeners.keys() - _by_name(new.listeners).keys():
-            svc = services.get(name)
+            svc = None if fixed else services.get(name)
             if svc is not None:
                 builder.retire_listener(root, svc)
 

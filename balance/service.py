@@ -66,6 +66,11 @@ class BalanceService(MultiService):
         self.draining = False
         self.reload = None
         self.admin = None
+        # A worker process (balance.worker): the listening sockets its
+        # parent bound, {listener name: (fd, address family)}, adopted once
+        # each; listeners cannot bind or move (a reload says "restart").
+        self.adopted: dict[str, tuple[int, int]] = {}
+        self.fixed_sockets = False
         self.listeners = MultiService()
         self.upstreams = MultiService()
         self.cluster_services = MultiService()
@@ -141,23 +146,32 @@ class BalanceService(MultiService):
         self.log.info("Balance stopped")
 
 
-def build(config: model.Config, reactor) -> BalanceService:
+def build(config: model.Config, reactor, worker=None) -> BalanceService:
     """
     Make the service tree for C{config}: one child per listener and per
     built-in whoami upstream, and the clusters and pools they share.
+
+    :param worker: in a worker process, its L{balance.worker.WorkerSetup}:
+        listeners adopt the parent's sockets, the admin API listens on the
+        parent's private socket, and the parent runs the whoami upstreams.
     """
     root = BalanceService(config, reactor)
     builder = Builder(reactor)
     root.reload = Reloader(root, reactor, builder).reload
-    if config.admin is not None:
-        root.admin = AdminService(config.admin, root, reactor)
+    admin = config.admin
+    if worker is not None:
+        root.adopted = dict(worker.sockets)
+        root.fixed_sockets = True
+        admin = model.Admin(listen=worker.admin_listen, token_file=None)
+    if admin is not None:
+        root.admin = AdminService(admin, root, reactor)
         root.admin.setServiceParent(root)
     if hasattr(root.rate_limit_store, "setServiceParent"):
         # Redis: connect before the listeners accept.
         root.rate_limit_store.setServiceParent(root.upstreams)
     for c in config.clusters:
         root.clusters[c.name] = builder.cluster(root, c)
-    for w in config.whoami:
+    for w in config.whoami if worker is None else ():
         svc = ListenerService(w.listen, WhoamiFactory(w.name, reactor), reactor, 0)
         svc.setName(f"whoami:{w.name}")
         svc.setServiceParent(root.upstreams)

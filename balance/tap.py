@@ -149,7 +149,12 @@ def makeService(options: Options):
     from balance.service import build
 
     streamline(reactor)
-    root = build(options.model, reactor)
+    if options.model.workers != 1:
+        from balance.workers import WorkerGroup
+
+        root = WorkerGroup(options.model, reactor)
+    else:
+        root = build(options.model, reactor)
     # After the reactor's own handlers, which it installs when it starts.
     reactor.callWhenRunning(_install_signal_handlers, reactor, root)
     return root

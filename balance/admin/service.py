@@ -133,7 +133,14 @@ class AdminService(ListenerService):
 
     log = Logger()
 
-    def __init__(self, admin: model.Admin, target, reactor, drain_timeout: float = 5.0):
+    def __init__(
+        self,
+        admin: model.Admin,
+        target,
+        reactor,
+        drain_timeout: float = 5.0,
+        resource_class=AdminResource,
+    ):
         """
         :param admin: The ``admin`` section of the config.
         :param target: The running process, an
@@ -141,9 +148,11 @@ class AdminService(ListenerService):
         :param reactor: The reactor to listen with and to time requests.
         :param drain_timeout: Seconds open connections may take to close on
             stop before they are aborted.
+        :param resource_class: The resource answering the API (the workers'
+            parent answers some paths from its workers).
         :raises ValueError: If ``admin.listen`` is not an endpoint string.
         """
-        self.resource = AdminResource(target)
+        self.resource = resource_class(target)
         site = _Site(self.resource, reactor=reactor, timeout=60, parsePOSTFormSubmission=False)
         super().__init__(admin.listen, _Connections(site), reactor, drain_timeout)
         self.setName("admin")

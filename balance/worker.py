@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.integration.test_workers -*-
+"""
+One worker process of a multi-process Balance (C{workers: N}):
+C{python -m balance.worker}, started by L{balance.workers.WorkerGroup}.
+
+It loads the same config file as its parent, adopts the listening sockets
+the parent bound (inherited file descriptors, named on the command line),
+and serves them like a single-process Balance: its own clusters, health
+checks, pools and metrics.  Its admin API listens on a private UNIX socket
+that only the parent uses.  It says "ready" on the status descriptor once
+its reactor runs, logs to stdout (the parent relays the lines), reloads on
+SIGHUP and drains on SIGTERM, as the parent asks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+import attr
+
+_FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class WorkerSetup:
+    """
+    What a worker gets from its parent.
+
+    :ivar index: its number, from 0.
+    :ivar sockets: C{((listener name, (fd, address family)), ...)}.
+    :ivar admin_listen: the endpoint string of its private admin API.
+    """
+
+    index: int
+    sockets: tuple
+    admin_listen: str
+
+
+def family_name(family: int) -> str:
+    """The command-line name of an address family."""
+    return {v: k for k, v in _FAMILIES.items()}[family]
+
+
+def _socket(text: str) -> tuple[str, tuple[int, int]]:
+    name, _, rest = text.rpartition("=")
+    fd, _, family = rest.partition(":")
+    return name, (int(fd), _FAMILIES[family])
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m balance.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--admin", required=True, help="UNIX socket path of the private admin API")
+    parser.add_argument("--status-fd", type=int, default=None)
+    parser.add_argument(
+        "--socket",
+        action="append",
+        default=[],
+        type=_socket,
+        help="NAME=FD:FAMILY of a listening socket to adopt",
+    )
+    return parser.parse_args(argv)
+
+
+def _observer(stream):
+    """Log events as plain lines ("level text"); the parent adds time and worker."""
+    from twisted.logger import formatEvent
+
+    def observe(event):
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        level = event.get("log_level")
+        name = level.name if level is not None else "info"
+        for line in text.splitlines() or [""]:
+            stream.write(f"{name} {line}\n")
+        stream.flush()
+
+    return observe
+
+
+def main(argv=None) -> int:
+    """Run one worker until it is told to stop; the process's exit status."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from twisted.internet import epollreactor
+
+    epollreactor.install()
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from balance._reactor import streamline
+    from balance.config.validate import ConfigError, load_config
+    from balance.service import build
+    from balance.tap import _install_signal_handlers
+
+    globalLogBeginner.beginLoggingTo([_observer(sys.stdout)], redirectStandardIO=False)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 1
+    setup = WorkerSetup(args.index, tuple(args.socket), f"unix:{args.admin}:mode=600:lockfile=0")
+    streamline(reactor)
+    root = build(config, reactor, worker=setup)
+    root.setName(f"worker {args.index}")
+    root.privilegedStartService()
+    root.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.callWhenRunning(_install_signal_handlers, reactor, root)
+    if args.status_fd is not None:
+        reactor.callWhenRunning(os.write, args.status_fd, b"ready\n")
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - run as a process
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""
+C{workers: 2} run as users run it, C{twistd -n balance}: the parent binds,
+two workers serve; both get traffic; a worker killed with SIGKILL is
+replaced while the other keeps serving; SIGHUP reloads every worker;
+SIGTERM drains them and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+
+from tests.helpers import wait_for
+from tests.integration import twistd
+
+CONFIG = """\
+workers: 2
+drain_timeout: 5s
+admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}
+listeners:
+  - name: web
+    listen: "tcp:{port}:interface=127.0.0.1"
+    protocol: http
+    routes:
+      - match: {{path: /version}}
+        direct_response: {{status: 200, body: "{version}"}}
+      - match: {{path_prefix: /}}
+        cluster: app
+clusters:
+  - name: app
+    backends: ["127.0.0.1:{upstream}"]
+whoami:
+  - {{name: alpha, listen: "tcp:{upstream}:interface=127.0.0.1"}}
+"""
+
+
+def get(url: str):
+    """GET C{url} on a new connection; fires with (status, body)."""
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    d = agent.request(b"GET", url.encode("ascii"))
+    return d.addCallback(lambda r: readBody(r).addCallback(lambda body: (r.code, body)))
+
+
+def samples(metrics: bytes, name: str) -> dict[str, float]:
+    """{worker: value} of the samples of C{name} (summed over their other labels)."""
+    found: dict[str, float] = {}
+    for line in metrics.decode().splitlines():
+        if line.startswith(name + "{"):
+            worker = re.search(r'worker="(\d+)"', line).group(1)
+            found[worker] = found.get(worker, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
+class WorkersTests(unittest.TestCase):
+    def setUp(self):
+        self.ports = {n: twistd.free_port() for n in ("admin", "port", "upstream")}
+        self.path = os.path.abspath(self.mktemp() + ".yaml")
+        self.write("v1")
+
+    def write(self, version: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(CONFIG.format(version=version, **self.ports))
+
+    def url(self, path: str, admin: bool = False) -> str:
+        return "http://127.0.0.1:%d%s" % (self.ports["admin" if admin else "port"], path)
+
+    @inlineCallbacks
+    def stats(self):
+        code, body = yield get(self.url("/stats", admin=True))
+        return json.loads(body)
+
+    @inlineCallbacks
+    def burst(self, path: str = "/", count: int = 20):
+        """C{count} concurrent requests on new connections; their (status, body)."""
+        results = yield DeferredList([get(self.url(path)) for _ in range(count)], consumeErrors=True)
+        return [r if ok else (None, str(r.value)) for ok, r in results]
+
+    @inlineCallbacks
+    def test_workers(self):
+        proc = yield twistd.start(self, self.path, self.ports["port"])
+        ready = []
+
+        @inlineCallbacks
+        def poll_ready():
+            code, _ = yield get(self.url("/ready", admin=True))
+            ready.append(code)
+
+        yield wait_for(lambda: ready[-1:] == [200] or (poll_ready() and False), 30, "workers ready")
+        stats = yield self.stats()
+        pids = {w["index"]: w["pid"] for w in stats["workers"]}
+        self.assertEqual(sorted(pids), [0, 1])
+        self.assertNotIn(proc.pid, pids.values())
+
+        # Both workers get traffic (the kernel hands each connection to
+        # whichever accepts first): send bursts until both have served.
+        served = {}
+
+        @inlineCallbacks
+        def both_served():
+            results = yield self.burst()
+            for code, body in results:
+                self.assertEqual(code, 200, body)
+                self.assertIn(b"Name: alpha", body)
+            _, metrics = yield get(self.url("/metrics", admin=True))
+            served.update(samples(metrics, "balance_http_requests_total"))
+
+        yield wait_for(
+            lambda: len(served) == 2 or (both_served() and False), 60, "both workers to serve"
+        )
+        self.assertTrue(all(v > 0 for v in served.values()), served)
+
+        # kill -9 one worker: the other serves meanwhile, and it is replaced.
+        os.kill(pids[0], 9)
+        results = yield self.burst()
+        self.assertEqual([code for code, _ in results], [200] * 20, results)
+        new_pids = {}
+
+        @inlineCallbacks
+        def poll_pids():
+            stats = yield self.stats()
+            new_pids.update(
+                {w["index"]: w["pid"] for w in stats["workers"] if w["ready"] and w["pid"]}
+            )
+
+        yield wait_for(
+            lambda: new_pids.get(0) not in (None, pids[0]) or (poll_pids() and False),
+            30,
+            "worker 0 to be replaced",
+        )
+        self.assertEqual(new_pids[1], pids[1])
+        self.assertIn("worker 0 exited unexpectedly", proc.output)
+        results = yield self.burst()
+        self.assertEqual([code for code, _ in results], [200] * 20, results)
+
+        # SIGHUP: the parent validates and has every worker reload.
+        self.write("v2")
+        proc.signal("HUP")
+        reloads = {}
+
+        @inlineCallbacks
+        def poll_reloads():
+            _, metrics = yield get(self.url("/metrics", admin=True))
+            reloads.update(samples(metrics, "balance_config_reloads_total"))
+
+        yield wait_for(
+            lambda: len(reloads) == 2 or (poll_reloads() and False), 30, "both workers to reload"
+        )
+        results = yield self.burst("/version")
+        self.assertEqual(set(results), {(200, b"v2")})
+        # The admin API answers for the group.
+        _, clusters = yield get(self.url("/clusters", admin=True))
+        self.assertEqual(json.loads(clusters)["clusters"][0]["name"], "app")
+        _, config = yield get(self.url("/config", admin=True))
+        self.assertEqual(json.loads(config)["workers"], 2)
+
+        # SIGTERM: every worker drains and exits, then the parent, with 0.
+        proc.signal("TERM")
+        code = yield proc.ended
+        self.assertEqual(code, 0, proc.output)
+        for pid in (new_pids[0], pids[1]):
+            self.assertRaises(ProcessLookupError, os.kill, pid, 0)
