@@ -226,3 +226,53 @@ class GroupTests(unittest.TestCase):
                            "--socket", "web=5:inet", "--socket", "a=b=6:unix"])
         self.assertEqual(args.socket, [("web", (5, socket.AF_INET)), ("a=b", (6, socket.AF_UNIX))])
         self.assertEqual(WorkerSetup(1, tuple(args.socket), "unix:/x").index, 1)
+
+
+class WorkerTreeTests(unittest.TestCase):
+    """A worker's service tree in this process, on a socket "from its parent"."""
+
+    async def test_adopted_and_fixed(self):
+        """
+        Listeners serve the adopted socket; a reload can change routes but
+        not bind, close or move sockets (that needs a restart, and says so).
+        """
+        from twisted.internet import reactor
+
+        from balance.service import build
+        from tests.helpers import port_open, unix_socket_path, wait_for
+
+        port, other = free_port(), free_port()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(16)
+        fd = os.dup(sock.fileno())
+        sock.close()
+        path = os.path.abspath(self.mktemp() + ".yaml")
+        text = (
+            "listeners:\n"
+            f'  - {{name: web, listen: "tcp:{port}:interface=127.0.0.1", protocol: http, cluster: app}}\n'
+            f'  - {{name: extra, listen: "tcp:{other}:interface=127.0.0.1", protocol: http, cluster: app}}\n'
+            "clusters:\n  - {name: app, backends: ['127.0.0.1:1']}\n"
+            "whoami:\n  - {name: alpha, listen: 'tcp:%d:interface=127.0.0.1'}\n" % free_port()
+        )
+        with open(path, "w") as f:
+            f.write(text)
+        config = validate(load_text(text, path), path)
+        setup = WorkerSetup(0, (("web", (fd, socket.AF_INET)),), "unix:" + unix_socket_path(self))
+        root = build(config, reactor, worker=setup)
+        root.privilegedStartService()
+        root.startService()
+        self.addCleanup(root.stopService)
+        # The parent's whoami and the socket-less listener are not here.
+        self.assertEqual([svc.name for svc in root.listeners], ["web"])
+        self.assertEqual([svc.name for svc in root.upstreams], [])
+        await wait_for(lambda: port_open(port), 5, "the adopted socket")
+        self.assertFalse(port_open(other))
+        with open(path, "w") as f:
+            f.write(text.replace("name: extra", "name: renamed"))
+        answer = await root.reload(False)
+        self.assertTrue(answer["ok"])
+        self.assertIn("listeners", answer["changes"]["restart_needed"])
+        self.assertEqual([svc.name for svc in root.listeners], ["web"])
+        self.assertFalse(port_open(other))

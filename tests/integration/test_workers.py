@@ -13,10 +13,10 @@ import re
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
-from tests.helpers import wait_for
 from tests.integration import twistd
 
 CONFIG = """\
@@ -45,6 +45,22 @@ def get(url: str):
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
     d = agent.request(b"GET", url.encode("ascii"))
     return d.addCallback(lambda r: readBody(r).addCallback(lambda body: (r.code, body)))
+
+
+@inlineCallbacks
+def until(check, timeout: float, what: str):
+    """
+    Run the async C{check} again (one at a time, every 50 ms) until it
+    answers true; fail after C{timeout} seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    while True:
+        done = yield check()
+        if done:
+            return
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        yield deferLater(reactor, 0.05, lambda: None)
 
 
 def samples(metrics: bytes, name: str) -> dict[str, float]:
@@ -84,14 +100,13 @@ class WorkersTests(unittest.TestCase):
     @inlineCallbacks
     def test_workers(self):
         proc = yield twistd.start(self, self.path, self.ports["port"])
-        ready = []
 
         @inlineCallbacks
-        def poll_ready():
+        def ready():
             code, _ = yield get(self.url("/ready", admin=True))
-            ready.append(code)
+            return code == 200
 
-        yield wait_for(lambda: ready[-1:] == [200] or (poll_ready() and False), 30, "workers ready")
+        yield until(ready, 30, "workers ready")
         stats = yield self.stats()
         pids = {w["index"]: w["pid"] for w in stats["workers"]}
         self.assertEqual(sorted(pids), [0, 1])
@@ -109,10 +124,9 @@ class WorkersTests(unittest.TestCase):
                 self.assertIn(b"Name: alpha", body)
             _, metrics = yield get(self.url("/metrics", admin=True))
             served.update(samples(metrics, "balance_http_requests_total"))
+            return len(served) == 2
 
-        yield wait_for(
-            lambda: len(served) == 2 or (both_served() and False), 60, "both workers to serve"
-        )
+        yield until(both_served, 60, "both workers to serve")
         self.assertTrue(all(v > 0 for v in served.values()), served)
 
         # kill -9 one worker: the other serves meanwhile, and it is replaced.
@@ -122,17 +136,14 @@ class WorkersTests(unittest.TestCase):
         new_pids = {}
 
         @inlineCallbacks
-        def poll_pids():
+        def replaced():
             stats = yield self.stats()
             new_pids.update(
                 {w["index"]: w["pid"] for w in stats["workers"] if w["ready"] and w["pid"]}
             )
+            return new_pids.get(0) not in (None, pids[0])
 
-        yield wait_for(
-            lambda: new_pids.get(0) not in (None, pids[0]) or (poll_pids() and False),
-            30,
-            "worker 0 to be replaced",
-        )
+        yield until(replaced, 30, "worker 0 to be replaced")
         self.assertEqual(new_pids[1], pids[1])
         self.assertIn("worker 0 exited unexpectedly", proc.output)
         results = yield self.burst()
@@ -144,13 +155,12 @@ class WorkersTests(unittest.TestCase):
         reloads = {}
 
         @inlineCallbacks
-        def poll_reloads():
+        def reloaded():
             _, metrics = yield get(self.url("/metrics", admin=True))
             reloads.update(samples(metrics, "balance_config_reloads_total"))
+            return len(reloads) == 2
 
-        yield wait_for(
-            lambda: len(reloads) == 2 or (poll_reloads() and False), 30, "both workers to reload"
-        )
+        yield until(reloaded, 30, "both workers to reload")
         results = yield self.burst("/version")
         self.assertEqual(set(results), {(200, b"v2")})
         # The admin API answers for the group.
@@ -158,6 +168,16 @@ class WorkersTests(unittest.TestCase):
         self.assertEqual(json.loads(clusters)["clusters"][0]["name"], "app")
         _, config = yield get(self.url("/config", admin=True))
         self.assertEqual(json.loads(config)["workers"], 2)
+        # A drain goes to every worker: no worker sends it work any more.
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        backend = "127.0.0.1:%d" % self.ports["upstream"]
+        response = yield agent.request(
+            b"POST", self.url(f"/clusters/app/backends/{backend}/drain", admin=True).encode()
+        )
+        body = yield readBody(response)
+        self.assertEqual(json.loads(body)["drained"], True)
+        results = yield self.burst("/")
+        self.assertEqual({code for code, _ in results}, {503})
 
         # SIGTERM: every worker drains and exits, then the parent, with 0.
         proc.signal("TERM")
