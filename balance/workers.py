@@ -245,6 +245,12 @@ class WorkerGroup(MultiService):
 
     def privilegedStartService(self):
         """Bind every listener's socket (before twistd drops privileges)."""
+        self._bind()
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
+        if self.ports:
+            return
         for listener in self.config.listeners:
             endpoint = endpoints.serverFromString(self.reactor, listener.listen)
             port = _listen_now(endpoint)
@@ -252,9 +258,10 @@ class WorkerGroup(MultiService):
             port.stopReading()
             self.ports.append(port)
             self.sockets[listener.name] = (port.fileno(), _family(port))
-        super().privilegedStartService()
 
     def startService(self):
+        # Runners other than twistd (python -m twisted) skip the privileged start.
+        self._bind()
         self.private_dir = tempfile.mkdtemp(prefix="balance-workers-", dir="/tmp")
         super().startService()
         self.log.info(
