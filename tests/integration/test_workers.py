@@ -13,6 +13,7 @@ import re
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
@@ -103,7 +104,11 @@ class WorkersTests(unittest.TestCase):
 
         @inlineCallbacks
         def ready():
-            code, _ = yield get(self.url("/ready", admin=True))
+            # The data port binds first; the admin port a moment later.
+            try:
+                code, _ = yield get(self.url("/ready", admin=True))
+            except ConnectError:
+                return False
             return code == 200
 
         yield until(ready, 30, "workers ready")
