@@ -345,8 +345,7 @@ class _HeaderReader(Protocol):
         try:
             info = self._parser.feed(data)
         except InvalidProxyHeader as e:
-            self._factory.rejected += 1
-            self._factory.last_error = str(e)
+            self._factory.refused(self.transport, str(e))
             self._done()
             self.transport.abortConnection()
             return
@@ -421,6 +420,22 @@ class ProxyHeaderFactory(ServerFactory):
 
     def buildProtocol(self, addr):
         return _HeaderReader(self)
+
+    def refused(self, transport, reason: str) -> None:
+        """
+        Count a connection closed for an invalid header; log the first one,
+        then one line per 1000 (a scanner must not flood the log).
+        """
+        self.rejected += 1
+        self.last_error = reason
+        if self.rejected % 1000 == 1:
+            self.log.warn(
+                "closed a connection from {peer} without a valid PROXY header ({reason}); "
+                "{count} so far",
+                peer=transport.getPeer(),
+                reason=reason,
+                count=self.rejected,
+            )
 
     def doStart(self):
         self.wrappedFactory.doStart()

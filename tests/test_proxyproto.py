@@ -274,9 +274,14 @@ class FactoryTests(SynchronousTestCase):
         self.assertEqual(host_bytes(UNIXAddress(None)), b"unix")
 
     def test_invalid_closes(self):
-        """A connection that does not start with a header is closed; nothing is built."""
+        """A connection that does not start with a header is closed (and logged); nothing is built."""
+        from twisted.logger import capturedLogs
+
         proto, transport = self.connect()
-        proto.dataReceived(b"GET / HTTP/1.1\r\n")
+        with capturedLogs() as events:
+            proto.dataReceived(b"GET / HTTP/1.1\r\n")
+        [event] = events
+        self.assertIn("without a valid PROXY header", event["log_format"])
         self.assertFalse(transport.connected)
         self.assertEqual(self.inner.built, [])
         self.assertEqual(self.factory.rejected, 1)

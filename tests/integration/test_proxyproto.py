@@ -183,6 +183,35 @@ clusters:
         self.assertTrue(again.startswith(f"src={CLIENT_IP} "), again)
 
     @inlineCallbacks
+    def test_h2_streams(self):
+        """HTTP/2 streams of one client connection share its PROXY header upstream."""
+        listen, back = free_port(), free_port()
+        yield start_haproxy(self, haproxy_back(back), back)
+        self.run_balance(
+            f"""
+listeners:
+  - name: web
+    listen: "tcp:{listen}:interface=127.0.0.1"
+    protocol: http
+    cluster: back
+clusters:
+  - name: back
+    send_proxy_protocol: v1
+    backends: ["127.0.0.1:{back}"]
+"""
+        )
+        # (curl 7.88 cannot send a second h2c stream on one connection.)
+        nghttp = need_tool("nghttp", "nghttp2-client")
+        url = f"http://127.0.0.1:{listen}/"
+        out, err, code = yield getProcessOutputAndValue(nghttp, [url, url + "?2"], env=os.environ)
+        self.assertEqual(code, 0, err)
+        lines = out.decode().splitlines()
+        self.assertEqual(len(lines), 2, out)
+        # One client connection, one header: the same source port twice.
+        self.assertEqual(lines[0], lines[1])
+        self.assertTrue(lines[0].startswith("src=127.0.0.1 "), lines[0])
+
+    @inlineCallbacks
     def test_tcp_listener_v1_to_v2(self):
         """
         haproxy (send-proxy) -> Balance tcp listener (proxy_protocol) ->
