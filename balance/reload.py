@@ -14,7 +14,9 @@ health state and pooled connections; changed ones are rebuilt, and their
 backends that still exist keep their health, drain and ejection state.
 Certificates are re-read.  C{admin}, C{workers}, C{whoami} and
 C{rate_limit_store} take effect at the next restart only (the answer says
-so).
+so).  In a worker process (C{workers} above 1) the parent holds the
+sockets: listeners that would bind, close or move wait for a restart too,
+and the answer lists C{listeners} under C{restart_needed}.
 """
 
 from __future__ import annotations
