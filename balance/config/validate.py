@@ -721,12 +721,6 @@ unsupported(
     lambda c: c.send_proxy_protocol is not None,
     "send_proxy_protocol",
 )
-unsupported(("routes", "websocket"), lambda r: r.websocket, "websocket")
-unsupported(
-    ("routes", "websocket_max_message_bytes"),
-    lambda r: r.websocket_max_message_bytes is not None,
-    "websocket_max_message_bytes",
-)
 unsupported(
     ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
 )

@@ -1,0 +1,371 @@
+# -*- test-case-name: tests.integration.test_websocket -*-
+"""
+WebSocket through Balance over real loopback sockets: autobahn's Twisted
+server as the backend, autobahn's client in front, both on the reactor
+trial runs, with Balance in between in the same process.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+
+import httptools
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+
+from balance.testing import ParsedRequest
+from tests.helpers import wait_for
+from tests.integration.test_http_proxy import BalanceTestCase, closes, read_responses
+
+MEGABYTE = 1 << 20
+
+
+def handshake(path: bytes = b"/ws/", extra: bytes = b"", key: bytes | None = None) -> bytes:
+    """A valid WebSocket opening handshake (plus C{extra} header lines)."""
+    key = key or base64.b64encode(os.urandom(16))
+    return (
+        b"GET %s HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (path, key, extra)
+    )
+
+
+# -- the backend: autobahn's echo server -------------------------------------------
+
+
+class EchoServer(WebSocketServerProtocol):
+    """
+    Echoes every message; a text message C{close:CODE} makes it close with
+    that code.  Records the close code the client sent.
+    """
+
+    def onConnect(self, request):
+        self.factory.requests.append(request)
+
+    def onMessage(self, payload, isBinary):
+        if not isBinary and payload.startswith(b"close:"):
+            self.sendClose(int(payload[6:]), "asked to")
+            return
+        self.sendMessage(payload, isBinary)
+
+    def onClose(self, wasClean, code, reason):
+        self.factory.closes.append(code)
+
+
+def echo_factory() -> WebSocketServerFactory:
+    factory = WebSocketServerFactory()
+    factory.protocol = EchoServer
+    factory.requests = []
+    factory.closes = []
+    factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+    return factory
+
+
+# -- the client --------------------------------------------------------------------
+
+
+class Client(WebSocketClientProtocol):
+    """Records messages, pongs and the close; C{factory.opened} fires on open."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[tuple[bytes, bool]] = []
+        self.pongs: list[bytes] = []
+        self.closed = None
+
+    def onOpen(self):
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload, isBinary):
+        self.messages.append((payload, isBinary))
+
+    def onPong(self, payload):
+        self.pongs.append(payload)
+
+    def onClose(self, wasClean, code, reason):
+        self.closed = (code, reason)
+        if not self.factory.opened.called:
+            self.factory.opened.errback(AssertionError(f"handshake failed: {code} {reason}"))
+
+
+async def connect(port: int, path: str = "/ws/", host: str = "127.0.0.1") -> Client:
+    """An open autobahn client connected through Balance's C{port}."""
+    factory = WebSocketClientFactory(f"ws://{host}:{port}{path}")
+    factory.protocol = Client
+    factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+    factory.opened = Deferred()
+    reactor.connectTCP(host, port, factory)
+    return await factory.opened
+
+
+# -- a backend that declines upgrades ------------------------------------------------
+
+
+class _Declining(Protocol):
+    """Parses requests (an upgrade stops its parser: the connection then
+    closes), answers 403 to upgrades and 200 to the rest."""
+
+    def connectionMade(self):
+        self.factory.connections += 1
+        self._parser = httptools.HttpRequestParser(self)
+
+    def dataReceived(self, data):
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.factory.leftovers.append(data[e.args[0] :])
+        except httptools.HttpParserError:
+            self.transport.abortConnection()
+
+    def on_message_begin(self):
+        self._current = ParsedRequest()
+
+    def on_url(self, url):
+        self._current.target += url
+
+    def on_header(self, name, value):
+        self._current.headers.append((name, value))
+
+    def on_message_complete(self):
+        self.factory.requests.append(self._current)
+        if self._parser.should_upgrade():
+            self.transport.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\nnope")
+        else:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def connectionLost(self, reason):
+        self.factory.connections -= 1
+
+
+class Declining(Factory):
+    protocol = _Declining
+    noisy = False
+
+    def __init__(self):
+        self.requests: list[ParsedRequest] = []
+        self.leftovers: list[bytes] = []
+        self.connections = 0
+
+
+class WebSocketTests(BalanceTestCase):
+    """WebSocket tunnels through Balance to autobahn's echo server."""
+
+    def setUp(self):
+        self.echo = echo_factory()
+        echo_port = self.listen(self.echo)
+        self.declining = Declining()
+        declining_port = self.listen(self.declining)
+        self.port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                protocol: http
+                routes:
+                  - match: {{path_prefix: "/ws/"}}
+                    cluster: echo
+                    websocket: true
+                  - match: {{path_prefix: "/limited/"}}
+                    cluster: echo
+                    websocket: true
+                    websocket_max_message_bytes: 1000
+                  - match: {{path_prefix: "/declines/"}}
+                    cluster: declining
+                    websocket: true
+                  - match: {{path_prefix: "/plain/"}}
+                    cluster: declining
+              - name: idle
+                listen: "tcp:0:interface=127.0.0.2"
+                protocol: http
+                timeouts: {{idle: 500ms}}
+                routes:
+                  - {{match: {{path_prefix: "/"}}, cluster: echo, websocket: true}}
+            clusters:
+              - name: echo
+                backends: [{{address: "127.0.0.1:{echo_port}"}}]
+              - name: declining
+                backends: [{{address: "127.0.0.1:{declining_port}"}}]
+            """
+        )
+        self.metrics = self.service.metrics
+
+    def listener_port(self, name: str) -> int:
+        return self.service.listeners.getServiceNamed(name).port.getHost().port
+
+    def access(self):
+        """The route metrics of listener web, by route label."""
+        return {m.route: m for m in self.service.metrics._routes.values() if m.listener == "web"}
+
+    async def test_text_and_binary(self):
+        """Text and binary messages are echoed through the tunnel, in order."""
+        client = await connect(self.port)
+        client.sendMessage("héllo".encode(), isBinary=False)
+        client.sendMessage(b"\x00\x01\xff", isBinary=True)
+        await wait_for(lambda: len(client.messages) == 2, what="two echoes")
+        self.assertEqual(client.messages, [("héllo".encode(), False), (b"\x00\x01\xff", True)])
+        [request] = self.echo.requests
+        self.assertEqual(request.path, "/ws/")
+        self.assertIn("x-forwarded-for", request.headers)
+        client.sendClose(1000)
+        await wait_for(lambda: client.closed is not None, what="close")
+        self.assertEqual(client.closed[0], 1000)
+
+    async def test_fragmented_and_large(self):
+        """
+        A message sent in fragments arrives whole; 1 MB messages go both
+        ways with flow control.
+        """
+        client = await connect(self.port)
+        fragmented = os.urandom(10000)
+        client.sendMessage(fragmented, isBinary=True, fragmentSize=1000)
+        big = os.urandom(MEGABYTE)
+        for _ in range(3):
+            client.sendMessage(big, isBinary=True)
+        await wait_for(lambda: len(client.messages) == 4, what="four echoes")
+        self.assertEqual(client.messages[0], (fragmented, True))
+        self.assertEqual([m for m, _ in client.messages[1:]], [big] * 3)
+        client.sendClose(1000)
+        await wait_for(lambda: client.closed is not None, what="close")
+
+    async def test_ping_pong(self):
+        """A ping is answered with a pong carrying its payload."""
+        client = await connect(self.port)
+        client.sendPing(b"are you there")
+        await wait_for(lambda: client.pongs, what="pong")
+        self.assertEqual(client.pongs, [b"are you there"])
+        client.sendClose(1000)
+        await wait_for(lambda: client.closed is not None, what="close")
+
+    async def test_close_codes(self):
+        """Close codes go through both ways: the backend's, and the client's."""
+        client = await connect(self.port)
+        client.sendMessage(b"close:4001")
+        await wait_for(lambda: client.closed is not None, what="backend close")
+        self.assertEqual(client.closed[0], 4001)
+        client = await connect(self.port)
+        client.sendClose(4002, "client leaves")
+        await wait_for(lambda: len(self.echo.closes) == 2, what="client close at the backend")
+        self.assertEqual(self.echo.closes[1], 4002)
+
+    async def test_access_log_metrics(self):
+        """The upgrade counts as a 101 on its route; listener bytes include the tunnel."""
+        listener = self.metrics.listener("web")
+        before = listener.bytes_in
+        client = await connect(self.port)
+        client.sendMessage(b"x" * 50000, isBinary=True)
+        await wait_for(lambda: client.messages, what="echo")
+        client.sendClose(1000)
+        await wait_for(lambda: self.access()["0"].codes.get(101) == 1, what="101 counted")
+        self.assertGreater(listener.bytes_in - before, 50000)
+        self.assertGreater(listener.bytes_out, 50000)
+        await wait_for(lambda: listener.active == 0, what="connection closed")
+
+    async def test_not_websocket_route(self):
+        """A WebSocket handshake on a route without websocket: true is 400, never forwarded."""
+        responses, _, closed = await self.in_thread(
+            _exchange, self.port, handshake(b"/plain/"), 1, True
+        )
+        self.assertEqual([r.status for r in responses], [400])
+        self.assertTrue(closed)
+        self.assertEqual(self.declining.requests, [])
+
+    async def test_invalid_handshakes(self):
+        """A handshake missing or getting wrong any required part is 400."""
+        key = base64.b64encode(os.urandom(16))
+        bad = [
+            handshake()
+            .replace(b"GET", b"POST", 1)
+            .replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"),
+            handshake().replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+            handshake().replace(b"Connection: Upgrade", b"Connection: keep-alive"),
+            handshake().replace(b"Version: 13", b"Version: 8"),
+            handshake(key=b"c2hvcnQ="),
+            handshake(key=b"not base64 at all!!!"),
+            handshake().replace(b"Sec-WebSocket-Key: ", b"X-Key: "),
+            handshake(extra=b"Sec-WebSocket-Key: " + key + b"\r\n"),
+        ]
+        for data in bad:
+            responses, _, closed = await self.in_thread(_exchange, self.port, data, 1)
+            self.assertEqual([r.status for r in responses], [400], data)
+        self.assertEqual(self.echo.requests, [])
+
+    async def test_declined_upgrade_is_not_a_tunnel(self):
+        """
+        A backend answering the handshake with anything but 101 has its
+        answer passed on, and the connection stays HTTP: a request sent
+        right behind the handshake (the smuggling attempt) is parsed and
+        answered as HTTP, by the backend, on a connection of its own.
+        """
+        smuggled = b"GET /plain/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+        responses, _, _ = await self.in_thread(
+            _exchange, self.port, handshake(b"/declines/") + smuggled, 2
+        )
+        self.assertEqual([r.status for r in responses], [403, 200])
+        self.assertEqual(responses[1].body, b"ok")
+        targets = [r.target for r in self.declining.requests]
+        self.assertEqual(targets, [b"/declines/", b"/plain/smuggled"])
+        upgrade = dict((n.lower(), v) for n, v in self.declining.requests[0].headers)
+        self.assertEqual(upgrade[b"upgrade"], b"websocket")
+        self.assertEqual(upgrade[b"connection"], b"Upgrade")
+        self.assertEqual(self.declining.leftovers, [b""])
+
+    async def test_other_upgrades_ignored(self):
+        """An Upgrade other than websocket (h2c) is dropped and the request served."""
+        data = (
+            b"POST /plain/a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 5\r\n\r\n"
+            b"helloGET /plain/b HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        responses, _, _ = await self.in_thread(_exchange, self.port, data, 2)
+        self.assertEqual([r.status for r in responses], [200, 200])
+        first, second = self.declining.requests
+        self.assertEqual((first.target, second.target), (b"/plain/a", b"/plain/b"))
+        names = {n.lower() for n, _ in first.headers}
+        self.assertFalse(names & {b"upgrade", b"http2-settings"}, first.headers)
+
+    async def test_idle_timeout(self):
+        """A tunnel without traffic for the listener's idle timeout is closed."""
+        client = await connect(self.listener_port("idle"), "/", host="127.0.0.2")
+        client.sendMessage(b"still here")
+        await wait_for(lambda: client.messages, what="echo")
+        await wait_for(lambda: client.closed is not None, timeout=10, what="idle close")
+        self.assertEqual(client.messages, [(b"still here", False)])
+
+    async def test_message_limit(self):
+        """
+        In frame-aware mode messages up to the limit pass and are counted;
+        one larger closes both sides with 1009, also when it comes in
+        fragments that are each small enough.
+        """
+        client = await connect(self.port, "/limited/")
+        client.sendMessage(b"a" * 1000, isBinary=True)
+        client.sendMessage(b"b" * 10, isBinary=False, fragmentSize=3)
+        await wait_for(lambda: len(client.messages) == 2, what="echoes")
+        up = self.metrics.websocket_messages("1", "upstream")
+        down = self.metrics.websocket_messages("1", "downstream")
+        self.assertEqual((up.value, down.value), (2, 2))
+        client.sendMessage(b"c" * 1001, isBinary=True, fragmentSize=400)
+        await wait_for(lambda: client.closed is not None, what="1009")
+        self.assertEqual(client.closed[0], 1009)
+        await wait_for(lambda: len(self.echo.closes) == 1, what="backend closed")
+        self.assertEqual(self.echo.closes, [1009])
+        self.assertEqual(len(client.messages), 2)
+        text = self.metrics.render().decode()
+        self.assertIn('balance_websocket_messages_total{direction="upstream",route="1"} 2.0', text)
+
+
+def _exchange(port: int, data: bytes, count: int, wait_close: bool = False):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        responses, raw, closed = read_responses(sock, count)
+        if wait_close and not closed:
+            closed = closes(sock)
+        return responses, raw, closed
