@@ -728,6 +728,25 @@ unsupported(("", "workers"), lambda c: c.workers != 1, "more than one worker")
 unsupported(("", "tracing"), lambda c: c.tracing is not None, "tracing")
 
 
+def _websocket_checks(ctx, raw, config: model.Config):
+    """C{websocket_max_message_bytes} only means something with C{websocket: true}."""
+    for i, listener in enumerate(config.listeners):
+        for j, route in enumerate(listener.routes):
+            limit = route.websocket_max_message_bytes
+            if limit is None:
+                continue
+            where = ("listeners", i, "routes", j, "websocket_max_message_bytes")
+            shown = f"listeners[{i}].routes[{j}].websocket_max_message_bytes"
+            if not route.websocket:
+                ctx.error(
+                    _line_of(raw, *where),
+                    shown,
+                    "needs websocket: true on the same route (frame-aware mode of its tunnels)",
+                )
+            elif limit < 1:
+                ctx.error(_line_of(raw, *where), shown, "expected at least 1 byte, got 0")
+
+
 def validate(raw, path: str) -> model.Config:
     """
     Check a parsed YAML tree and build the config model.
@@ -748,6 +767,7 @@ def validate(raw, path: str) -> model.Config:
         raise ConfigError(ctx.lines())
     config = model.Config(path=path, **parsed)
     _unsupported_checks(ctx, raw, config)
+    _websocket_checks(ctx, raw, config)
     _tls_file_checks(ctx, raw, config)
     if ctx.errors:
         raise ConfigError(ctx.lines())
