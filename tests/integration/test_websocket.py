@@ -8,6 +8,7 @@ trial runs, with Balance in between in the same process.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 
@@ -20,8 +21,11 @@ from autobahn.twisted.websocket import (
 )
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
+from balance.http.websocket import accept_value
 from balance.testing import ParsedRequest
 from tests.helpers import wait_for
 from tests.integration.test_http_proxy import BalanceTestCase, closes, read_responses
@@ -155,6 +159,57 @@ class Declining(Factory):
         self.connections = 0
 
 
+@implementer(IHalfCloseableProtocol)
+class _RawWebSocket(Protocol):
+    """
+    A backend that accepts the handshake by hand, then echoes raw bytes and
+    answers the client's EOF with C{done} and its own close.
+    """
+
+    def connectionMade(self):
+        self._head = b""
+        self._open = False
+
+    def dataReceived(self, data):
+        if self._open:
+            self.transport.write(data)
+            return
+        self._head += data
+        if b"\r\n\r\n" not in self._head:
+            return
+        head, _, rest = self._head.partition(b"\r\n\r\n")
+        self.factory.heads.append(head)
+        key = [
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        ][0]
+        accept = self.factory.accept(key)
+        self.transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\nhi" % (accept,)
+        )
+        self._open = True
+        if rest:
+            self.transport.write(rest)
+
+    def readConnectionLost(self):
+        self.transport.write(b"done")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+class RawWebSocket(Factory):
+    protocol = _RawWebSocket
+    noisy = False
+
+    def __init__(self, accept=accept_value):
+        self.accept = accept
+        self.heads: list[bytes] = []
+
+
 class WebSocketTests(BalanceTestCase):
     """WebSocket tunnels through Balance to autobahn's echo server."""
 
@@ -163,12 +218,18 @@ class WebSocketTests(BalanceTestCase):
         echo_port = self.listen(self.echo)
         self.declining = Declining()
         declining_port = self.listen(self.declining)
+        self.raw = RawWebSocket()
+        raw_port = self.listen(self.raw)
+        self.liar = RawWebSocket(lambda key: accept_value(key + b"x"))
+        liar_port = self.listen(self.liar)
+        self.log_path = os.path.abspath(self.mktemp())
         self.port = self.start_balance(
             f"""
             listeners:
               - name: web
                 listen: "tcp:0:interface=127.0.0.1"
                 protocol: http
+                access_log: {{path: "{self.log_path}", format: json}}
                 routes:
                   - match: {{path_prefix: "/ws/"}}
                     cluster: echo
@@ -182,6 +243,12 @@ class WebSocketTests(BalanceTestCase):
                     websocket: true
                   - match: {{path_prefix: "/plain/"}}
                     cluster: declining
+                  - match: {{path_prefix: "/raw/"}}
+                    cluster: raw
+                    websocket: true
+                  - match: {{path_prefix: "/liar/"}}
+                    cluster: liar
+                    websocket: true
               - name: idle
                 listen: "tcp:0:interface=127.0.0.2"
                 protocol: http
@@ -193,6 +260,10 @@ class WebSocketTests(BalanceTestCase):
                 backends: [{{address: "127.0.0.1:{echo_port}"}}]
               - name: declining
                 backends: [{{address: "127.0.0.1:{declining_port}"}}]
+              - name: raw
+                backends: [{{address: "127.0.0.1:{raw_port}"}}]
+              - name: liar
+                backends: [{{address: "127.0.0.1:{liar_port}"}}]
             """
         )
         self.metrics = self.service.metrics
@@ -267,6 +338,18 @@ class WebSocketTests(BalanceTestCase):
         self.assertGreater(listener.bytes_in - before, 50000)
         self.assertGreater(listener.bytes_out, 50000)
         await wait_for(lambda: listener.active == 0, what="connection closed")
+        await wait_for(lambda: self.log_lines(), what="the access log line")
+        [line] = self.log_lines()
+        self.assertEqual((line["status"], line["target"], line["reason"]), (101, "/ws/", None))
+        self.assertGreater(line["request_bytes"], 50000)
+        self.assertGreater(line["response_bytes"], 50000)
+
+    def log_lines(self) -> list[dict]:
+        """The access log's lines so far, parsed."""
+        if not os.path.exists(self.log_path):
+            return []
+        with open(self.log_path) as f:
+            return [json.loads(line) for line in f]
 
     async def test_not_websocket_route(self):
         """A WebSocket handshake on a route without websocket: true is 400, never forwarded."""
@@ -331,6 +414,40 @@ class WebSocketTests(BalanceTestCase):
         names = {n.lower() for n, _ in first.headers}
         self.assertFalse(names & {b"upgrade", b"http2-settings"}, first.headers)
 
+    async def test_half_close_and_early_bytes(self):
+        """
+        Bytes the client sends right behind its handshake reach the backend
+        after it; the client's write half-close reaches the backend, whose
+        answer and close come back.
+        """
+
+        def client():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(handshake(b"/raw/") + b"early ")
+                data = b""
+                while b"early " not in data:
+                    data += sock.recv(65536)
+                sock.sendall(b"late")
+                sock.shutdown(socket.SHUT_WR)
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return data
+                    data += chunk
+
+        data = await self.in_thread(client)
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertIn(b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", head)
+        self.assertEqual(body, b"hiearly latedone")
+        [sent] = self.raw.heads
+        self.assertIn(b"\r\nConnection: Upgrade\r\nUpgrade: websocket", sent)
+
+    async def test_wrong_accept(self):
+        """A 101 with the wrong Sec-WebSocket-Accept is a 502, and no tunnel."""
+        responses, _, _ = await self.in_thread(_exchange, self.port, handshake(b"/liar/"), 1)
+        self.assertEqual([r.status for r in responses], [502])
+
     async def test_idle_timeout(self):
         """A tunnel without traffic for the listener's idle timeout is closed."""
         client = await connect(self.listener_port("idle"), "/", host="127.0.0.2")
@@ -358,6 +475,10 @@ class WebSocketTests(BalanceTestCase):
         await wait_for(lambda: len(self.echo.closes) == 1, what="backend closed")
         self.assertEqual(self.echo.closes, [1009])
         self.assertEqual(len(client.messages), 2)
+        await wait_for(lambda: self.log_lines(), what="the access log line")
+        [line] = self.log_lines()
+        self.assertEqual(line["status"], 101)
+        self.assertEqual(line["reason"], "client message above websocket_max_message_bytes")
         text = self.metrics.render().decode()
         self.assertIn('balance_websocket_messages_total{direction="upstream",route="1"} 2.0', text)
 
