@@ -19,8 +19,9 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
@@ -29,6 +30,7 @@ from balance.http.websocket import accept_value
 from balance.testing import ParsedRequest
 from tests.helpers import wait_for
 from tests.integration.test_http_proxy import BalanceTestCase, closes, read_responses
+from tests.tls import support as tls_support
 
 MEGABYTE = 1 << 20
 
@@ -481,6 +483,56 @@ class WebSocketTests(BalanceTestCase):
         self.assertEqual(line["reason"], "client message above websocket_max_message_bytes")
         text = self.metrics.render().decode()
         self.assertIn('balance_websocket_messages_total{direction="upstream",route="1"} 2.0', text)
+
+
+class SecureWebSocketTests(BalanceTestCase):
+    """wss://: Balance terminates TLS and tunnels to a cleartext backend."""
+
+    def setUp(self):
+        self.echo = echo_factory()
+        echo_port = self.listen(self.echo)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert = tls_support.write(directory, "localhost")
+        self.port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                protocol: http
+                tls:
+                  certificates: [{{cert: {cert.cert}, key: {cert.key}}}]
+                  alpn: [http/1.1]
+                routes:
+                  - {{match: {{path_prefix: "/"}}, cluster: echo, websocket: true}}
+            clusters:
+              - name: echo
+                backends: [{{address: "127.0.0.1:{echo_port}"}}]
+            """
+        )
+
+    async def test_echo_over_tls(self):
+        """Messages of every size are echoed over wss, and the close goes through."""
+        factory = WebSocketClientFactory(f"wss://localhost:{self.port}/tls")
+        factory.protocol = Client
+        factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+        factory.opened = Deferred()
+        trust = ssl.Certificate.loadPEM(tls_support.pki()["ca"].cert_pem)
+        endpoint = wrapClientTLS(
+            ssl.optionsForClientTLS("localhost", trustRoot=trust),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+        )
+        await endpoint.connect(factory)
+        client = await factory.opened
+        big = os.urandom(MEGABYTE)
+        client.sendMessage(b"over tls", isBinary=False)
+        client.sendMessage(big, isBinary=True)
+        await wait_for(lambda: len(client.messages) == 2, what="echoes")
+        self.assertEqual(client.messages, [(b"over tls", False), (big, True)])
+        client.sendClose(4005)
+        await wait_for(lambda: self.echo.closes, what="close at the backend")
+        self.assertEqual(self.echo.closes, [4005])
+        await wait_for(lambda: client.closed is not None, what="client closed")
 
 
 def _exchange(port: int, data: bytes, count: int, wait_close: bool = False):
