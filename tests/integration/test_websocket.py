@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
+import subprocess
 
 import httptools
 from autobahn.twisted.websocket import (
@@ -28,7 +30,7 @@ from zope.interface import implementer
 
 from balance.http.websocket import accept_value
 from balance.testing import ParsedRequest
-from tests.helpers import wait_for
+from tests.helpers import need_tool, wait_for
 from tests.integration.test_http_proxy import BalanceTestCase, closes, read_responses
 from tests.tls import support as tls_support
 
@@ -533,6 +535,100 @@ class SecureWebSocketTests(BalanceTestCase):
         await wait_for(lambda: self.echo.closes, what="close at the backend")
         self.assertEqual(self.echo.closes, [4005])
         await wait_for(lambda: client.closed is not None, what="client closed")
+
+
+_PAGE = """<!doctype html>
+<html><body><p id="out">waiting</p><script>
+const ws = new WebSocket("ws://" + location.host + "/ws/");
+ws.onopen = () => ws.send("hello from chromium");
+ws.onmessage = (e) => {
+  document.getElementById("out").textContent = "echoed: " + e.data;
+  ws.close(1000);
+};
+ws.onerror = () => { document.getElementById("out").textContent = "websocket error"; };
+</script></body></html>"""
+
+
+def dump_dom(chromium: str, profile: str, url: str, timeout: float = 60.0) -> str:
+    """
+    The DOM of C{url} after headless Chromium ran its scripts
+    (C{--dump-dom}); Chromium and its helpers are killed by process
+    group if it takes longer than C{timeout}.
+    """
+    process = subprocess.Popen(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            url,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    return out.decode("utf-8", "replace")
+
+
+class ChromiumTests(BalanceTestCase):
+    """
+    A real browser: Balance serves a page (a direct_response route) whose
+    script opens a WebSocket through Balance to the echo backend and
+    writes the echo into the page.
+    """
+
+    def setUp(self):
+        self.chromium = need_tool("chromium", "chromium")
+        self.echo = echo_factory()
+        echo_port = self.listen(self.echo)
+        self.port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                protocol: http
+                routes:
+                  - match: {{path_prefix: "/ws/"}}
+                    cluster: echo
+                    websocket: true
+                  - match: {{path: "/"}}
+                    direct_response:
+                      status: 200
+                      body: {json.dumps(_PAGE)}
+                      headers: {{content-type: "text/html; charset=utf-8"}}
+            clusters:
+              - name: echo
+                backends: [{{address: "127.0.0.1:{echo_port}"}}]
+            """
+        )
+
+    async def test_browser_echo(self):
+        """Chromium's WebSocket gets its message echoed through Balance."""
+        profile = os.path.abspath(self.mktemp())
+        os.makedirs(profile)
+        dom = await self.in_thread(
+            dump_dom, self.chromium, profile, f"http://127.0.0.1:{self.port}/"
+        )
+        self.assertIn('<p id="out">echoed: hello from chromium</p>', dom)
+        [request] = self.echo.requests
+        self.assertEqual(request.path, "/ws/")
+        await wait_for(lambda: self.echo.closes, what="the browser's close")
+        self.assertEqual(self.echo.closes, [1000])
 
 
 def _exchange(port: int, data: bytes, count: int, wait_close: bool = False):
