@@ -142,6 +142,9 @@ class _Declining(Protocol):
     def on_header(self, name, value):
         self._current.headers.append((name, value))
 
+    def on_body(self, body):
+        self._current.body += body
+
     def on_message_complete(self):
         self.factory.requests.append(self._current)
         if self._parser.should_upgrade():
@@ -183,11 +186,12 @@ class _RawWebSocket(Protocol):
             return
         head, _, rest = self._head.partition(b"\r\n\r\n")
         self.factory.heads.append(head)
-        key = [
+        keys = [
             line.split(b":", 1)[1].strip()
             for line in head.split(b"\r\n")
             if line.lower().startswith(b"sec-websocket-key:")
-        ][0]
+        ]
+        key = keys[0] if keys else b""
         accept = self.factory.accept(key)
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -253,6 +257,8 @@ class WebSocketTests(BalanceTestCase):
                   - match: {{path_prefix: "/liar/"}}
                     cluster: liar
                     websocket: true
+                  - match: {{path_prefix: "/unasked/"}}
+                    cluster: raw
               - name: idle
                 listen: "tcp:0:interface=127.0.0.2"
                 protocol: http
@@ -415,6 +421,7 @@ class WebSocketTests(BalanceTestCase):
         self.assertEqual([r.status for r in responses], [200, 200])
         first, second = self.declining.requests
         self.assertEqual((first.target, second.target), (b"/plain/a", b"/plain/b"))
+        self.assertEqual(first.body, b"hello")
         names = {n.lower() for n, _ in first.headers}
         self.assertFalse(names & {b"upgrade", b"http2-settings"}, first.headers)
 
@@ -451,6 +458,27 @@ class WebSocketTests(BalanceTestCase):
         """A 101 with the wrong Sec-WebSocket-Accept is a 502, and no tunnel."""
         responses, _, _ = await self.in_thread(_exchange, self.port, handshake(b"/liar/"), 1)
         self.assertEqual([r.status for r in responses], [502])
+
+    async def test_unasked_101(self):
+        """A 101 to a request that asked no upgrade is a 502."""
+        responses, _, _ = await self.in_thread(
+            _exchange, self.port, b"GET /unasked/ HTTP/1.1\r\nHost: a\r\n\r\n", 1
+        )
+        self.assertEqual([r.status for r in responses], [502])
+
+    async def test_other_upgrades_chunked(self):
+        """An ignored Upgrade on a chunked request: the body is read as a body."""
+        data = (
+            b"POST /plain/a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+            b"Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n"
+            b"GET /plain/b HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        responses, _, _ = await self.in_thread(_exchange, self.port, data, 2)
+        self.assertEqual([r.status for r in responses], [200, 200])
+        first, second = self.declining.requests
+        self.assertEqual((first.target, second.target), (b"/plain/a", b"/plain/b"))
+        self.assertEqual(first.body, b"hello")
 
     async def test_idle_timeout(self):
         """A tunnel without traffic for the listener's idle timeout is closed."""
