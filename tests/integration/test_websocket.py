@@ -26,6 +26,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from balance.http.websocket import accept_value
@@ -565,16 +567,56 @@ class SecureWebSocketTests(BalanceTestCase):
         await wait_for(lambda: client.closed is not None, what="client closed")
 
 
+# Virtual time (--virtual-time-budget) stands still while a fetch is pending,
+# not while a WebSocket is: the page holds a fetch of /gate/hold open until
+# it has the echo (or an error) and has asked for /gate/done.
 _PAGE = """<!doctype html>
 <html><body><p id="out">waiting</p><script>
+fetch("/gate/hold");
+const out = document.getElementById("out");
+const done = () => fetch("/gate/done");
 const ws = new WebSocket("ws://" + location.host + "/ws/");
 ws.onopen = () => ws.send("hello from chromium");
 ws.onmessage = (e) => {
-  document.getElementById("out").textContent = "echoed: " + e.data;
+  out.textContent = "echoed: " + e.data;
   ws.close(1000);
+  done();
 };
-ws.onerror = () => { document.getElementById("out").textContent = "websocket error"; };
+ws.onerror = () => { out.textContent = "websocket error"; done(); };
 </script></body></html>"""
+
+
+class Gate(Resource):
+    """
+    C{/gate/hold} answers once C{/gate/done} was asked (or after
+    C{timeout} seconds, so that a broken page cannot hang the test).
+    """
+
+    isLeaf = True
+
+    def __init__(self, timeout: float = 30.0):
+        super().__init__()
+        self.held: list = []
+        self.opened = False
+        self._timer = reactor.callLater(timeout, self.open)
+
+    def render_GET(self, request):
+        if request.path.endswith(b"/hold") and not self.opened:
+            self.held.append(request)
+            return NOT_DONE_YET
+        if request.path.endswith(b"/done"):
+            self.open()
+        return b"ok"
+
+    def open(self):
+        self.opened = True
+        if self._timer.active():
+            self._timer.cancel()
+        held, self.held = self.held, []
+        for request in held:
+            if not request.finished and not request._disconnected:
+                request.write(b"ok")
+                request.finish()
 
 
 def dump_dom(chromium: str, profile: str, url: str, timeout: float = 60.0) -> str:
@@ -624,6 +666,9 @@ class ChromiumTests(BalanceTestCase):
         self.chromium = need_tool("chromium", "chromium")
         self.echo = echo_factory()
         echo_port = self.listen(self.echo)
+        gate = Gate()
+        self.addCleanup(gate.open)
+        gate_port = self.listen(Site(gate))
         self.port = self.start_balance(
             f"""
             listeners:
@@ -639,9 +684,12 @@ class ChromiumTests(BalanceTestCase):
                       status: 200
                       body: {json.dumps(_PAGE)}
                       headers: {{content-type: "text/html; charset=utf-8"}}
+                  - {{match: {{path_prefix: "/gate/"}}, cluster: gate}}
             clusters:
               - name: echo
                 backends: [{{address: "127.0.0.1:{echo_port}"}}]
+              - name: gate
+                backends: [{{address: "127.0.0.1:{gate_port}"}}]
             """
         )
 
