@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from balance.http.websocket import accept_value
 from balance.testing import ParsedRequest
-from tests.helpers import need_tool, wait_for
+from tests.helpers import connect_client, need_tool, wait_for
 from tests.integration.test_http_proxy import BalanceTestCase, closes, read_responses
 from tests.tls import support as tls_support
 
@@ -63,6 +63,9 @@ class EchoServer(WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         if not isBinary and payload.startswith(b"close:"):
             self.sendClose(int(payload[6:]), "asked to")
+            return
+        if not isBinary and payload.startswith(b"big:"):
+            self.sendMessage(b"b" * int(payload[4:]), True)
             return
         self.sendMessage(payload, isBinary)
 
@@ -195,6 +198,13 @@ class _RawWebSocket(Protocol):
         ]
         key = keys[0] if keys else b""
         accept = self.factory.accept(key)
+        gate = self.factory.gate
+        if gate is not None and not gate.called:
+            gate.addCallback(lambda _: self._answer(accept, rest))
+            return
+        self._answer(accept, rest)
+
+    def _answer(self, accept: bytes, rest: bytes) -> None:
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\nhi" % (accept,)
@@ -211,6 +221,20 @@ class _RawWebSocket(Protocol):
         pass
 
 
+class _RawClient(Protocol):
+    """A client on the reactor: records what it reads."""
+
+    def __init__(self):
+        self.received = b""
+        self.lost = Deferred()
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
 class RawWebSocket(Factory):
     protocol = _RawWebSocket
     noisy = False
@@ -218,6 +242,8 @@ class RawWebSocket(Factory):
     def __init__(self, accept=accept_value):
         self.accept = accept
         self.heads: list[bytes] = []
+        # When set, the 101 waits for this Deferred.
+        self.gate = None
 
 
 class WebSocketTests(BalanceTestCase):
@@ -455,6 +481,36 @@ class WebSocketTests(BalanceTestCase):
         self.assertEqual(body, b"hiearly latedone")
         [sent] = self.raw.heads
         self.assertIn(b"\r\nConnection: Upgrade\r\nUpgrade: websocket", sent)
+
+    async def test_bytes_while_waiting_for_101(self):
+        """
+        Bytes the client sends in later reads while the backend has not
+        answered yet are held, then sent through the tunnel in order.
+        """
+        self.raw.gate = Deferred()
+        client = _RawClient()
+        await connect_client(self.port, client)
+        client.transport.write(handshake(b"/raw/"))
+        await wait_for(lambda: self.raw.heads, what="the handshake at the backend")
+        before = self.metrics.listener("web").bytes_in
+        client.transport.write(b"sent while waiting")
+        await wait_for(
+            lambda: self.metrics.listener("web").bytes_in > before, what="Balance read it"
+        )
+        self.raw.gate.callback(None)
+        await wait_for(lambda: client.received.endswith(b"hisent while waiting"), what="echo")
+        client.transport.loseConnection()
+        await client.lost
+
+    async def test_backend_message_limit(self):
+        """A backend message over the limit closes both sides with 1009 too."""
+        client = await connect(self.port, "/limited/")
+        client.sendMessage(b"big:1001")
+        await wait_for(lambda: client.closed is not None, what="1009")
+        self.assertEqual(client.closed[0], 1009)
+        self.assertEqual(client.messages, [])
+        await wait_for(lambda: self.echo.closes, what="backend closed")
+        self.assertEqual(self.echo.closes, [1009])
 
     async def test_wrong_accept(self):
         """A 101 with the wrong Sec-WebSocket-Accept is a 502, and no tunnel."""
