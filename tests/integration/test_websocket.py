@@ -573,6 +573,46 @@ class WebSocketTests(BalanceTestCase):
         self.assertIn('balance_websocket_messages_total{direction="upstream",route="1"} 2.0', text)
 
 
+class DrainTests(BalanceTestCase):
+    """On stop, open tunnels may finish within drain_timeout, then are closed."""
+
+    def start(self, drain_timeout: str) -> None:
+        self.echo = echo_factory()
+        echo_port = self.listen(self.echo)
+        self.port = self.start_balance(
+            f"""
+            drain_timeout: {drain_timeout}
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                routes:
+                  - {{match: {{path_prefix: "/"}}, cluster: echo, websocket: true}}
+            clusters:
+              - name: echo
+                backends: [{{address: "127.0.0.1:{echo_port}"}}]
+            """
+        )
+
+    async def test_tunnel_finishes(self):
+        """A tunnel keeps working while Balance drains; the stop waits for its close."""
+        self.start("30s")
+        client = await connect(self.port)
+        stopped = self.service.stopService()
+        client.sendMessage(b"still served")
+        await wait_for(lambda: client.messages, what="echo while draining")
+        self.assertFalse(stopped.called)
+        client.sendClose(1000)
+        await stopped
+        self.assertEqual(client.messages, [(b"still served", False)])
+
+    async def test_tunnel_cut_after_drain_timeout(self):
+        """A tunnel still open when drain_timeout passes is closed."""
+        self.start("300ms")
+        client = await connect(self.port)
+        await self.service.stopService()
+        await wait_for(lambda: client.closed is not None, what="the client's connection closed")
+
+
 class SecureWebSocketTests(BalanceTestCase):
     """wss://: Balance terminates TLS and tunnels to a cleartext backend."""
 
