@@ -295,12 +295,26 @@ def start_peer(name: str, a, procs: Procs, d: str, origin: int):
 def run_driver(a, port: int, seconds: float) -> dict:
     """Run the load generator pinned to the load CPU; its JSON result."""
     argv = [
-        sys.executable, os.path.abspath(__file__), "--role", "drive", "--port", str(port),
-        "--connections", str(a.connections), "--depth", str(a.depth), "--size", str(a.size),
-        "--duration", str(seconds),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--role",
+        "drive",
+        "--port",
+        str(port),
+        "--connections",
+        str(a.connections),
+        "--depth",
+        str(a.depth),
+        "--size",
+        str(a.size),
+        "--duration",
+        str(seconds),
     ]
     p = subprocess.run(
-        argv, capture_output=True, text=True, timeout=seconds + 60,
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
         preexec_fn=lambda: os.sched_setaffinity(0, {a.load_cpu}),
     )
     if p.returncode != 0:
@@ -360,8 +374,16 @@ def run(a, procs: Procs, d: str):
     origin_port = free_port()
     origin = procs.start(
         "origin",
-        [sys.executable, os.path.abspath(__file__), "--role", "origin", "--port",
-         str(origin_port), "--size", str(a.size)],
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--role",
+            "origin",
+            "--port",
+            str(origin_port),
+            "--size",
+            str(a.size),
+        ],
         a.load_cpu,
         d,
     )
@@ -398,20 +420,27 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="bench/ws.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5, help="seconds per measured run (5)")
     ap.add_argument("--reps", type=int, default=3, help="runs per peer (3)")
-    ap.add_argument("--warmup", type=float, default=1, help="unmeasured seconds before each run (1)")
+    ap.add_argument(
+        "--warmup", type=float, default=1, help="unmeasured seconds before each run (1)"
+    )
     ap.add_argument("--connections", type=int, default=50, help="WebSocket connections (50)")
     ap.add_argument("--depth", type=int, default=1, help="messages in flight per connection (1)")
     ap.add_argument("--size", type=int, default=64, help="message payload bytes (64)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated, in run order")
-    ap.add_argument("--balance-python", default=sys.executable,
-                    help="interpreter with Balance installed (this one)")
+    ap.add_argument(
+        "--balance-python",
+        default=sys.executable,
+        help="interpreter with Balance installed (this one)",
+    )
     ap.add_argument("--proxy-cpu", type=int, default=1, help="CPU the proxies run on (1)")
-    ap.add_argument("--load-cpu", type=int, default=0,
-                    help="CPU for the load generator and the origin (0)")
+    ap.add_argument(
+        "--load-cpu", type=int, default=0, help="CPU for the load generator and the origin (0)"
+    )
     ap.add_argument("--json", metavar="FILE", help="write every run and the summary as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
-    ap.add_argument("--role", choices=("bench", "origin", "drive"), default="bench",
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--role", choices=("bench", "origin", "drive"), default="bench", help=argparse.SUPPRESS
+    )
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.peer_list = [p.strip() for p in a.peers.split(",") if p.strip()]
@@ -454,17 +483,22 @@ def main(argv=None) -> int:
         f"generator on CPU {a.load_cpu}.\n"
     )
     print(table(rows))
-    print("\nproxy CPU us/echo = utime+stime of the proxy during the run / echoes "
-          "(each echo is one message each way through the proxy).")
+    print(
+        "\nproxy CPU us/echo = utime+stime of the proxy during the run / echoes "
+        "(each echo is one message each way through the proxy)."
+    )
     for peer, why in skipped.items():
         print(f"\n{peer} skipped: {why}")
     haproxy = version_of(["haproxy", "-v"]) if shutil.which("haproxy") else "-"
-    print(f"\nmachine: {os.cpu_count()} CPUs, {cpu_model()}; haproxy {haproxy}; "
-          f"python {sys.version.split()[0]}")
+    print(
+        f"\nmachine: {os.cpu_count()} CPUs, {cpu_model()}; haproxy {haproxy}; "
+        f"python {sys.version.split()[0]}"
+    )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"command": cmd, "summary": rows, "runs": runs, "skipped": skipped}, f,
-                      indent=2)
+            json.dump(
+                {"command": cmd, "summary": rows, "runs": runs, "skipped": skipped}, f, indent=2
+            )
     return 0
 
 
