@@ -745,7 +745,6 @@ class Exchange:
         reason, headers = self.switching
         self.switching = None
         if not accept_matches(self.ws_key, headers):
-            self.status = 0
             why = "%s: 101 without the right Sec-WebSocket-Accept" % (self.backend.address,)
             self.fail(502, why)
             return
