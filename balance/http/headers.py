@@ -95,9 +95,9 @@ def request_head(
     if ex.chunked_in:
         append(b"Transfer-Encoding: " + ex.te_value + b"\r\n")
     elif ex.upgrade is not None:
-        # The one hop-by-hop pair that goes on: the backend must see the
-        # handshake (RFC 6455 4.1).
-        append(b"Connection: Upgrade\r\nUpgrade: " + ex.upgrade + b"\r\n")
+        # The one hop-by-hop pair that goes on, offering websocket alone
+        # (the only upgrade Balance lets through).
+        append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     for name, value in setters:
         append(name + b": " + value + b"\r\n")
     append(b"\r\n")

@@ -21,10 +21,11 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from OpenSSL import SSL
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -613,15 +614,37 @@ class DrainTests(BalanceTestCase):
         await wait_for(lambda: client.closed is not None, what="the client's connection closed")
 
 
+@implementer(IOpenSSLContextFactory)
+class _ChainContext:
+    """A server TLS context with the certificate chain of C{cert}'s file."""
+
+    def __init__(self, cert: str, key: str):
+        self.cert, self.key = cert, key
+
+    def getContext(self):
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.use_certificate_chain_file(self.cert)
+        context.use_privatekey_file(self.key)
+        return context
+
+
 class SecureWebSocketTests(BalanceTestCase):
-    """wss://: Balance terminates TLS and tunnels to a cleartext backend."""
+    """
+    wss://: Balance terminates TLS and tunnels to the backend over TLS
+    too, its certificate verified.
+    """
 
     def setUp(self):
         self.echo = echo_factory()
-        echo_port = self.listen(self.echo)
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         cert = tls_support.write(directory, "localhost")
+        ca = tls_support.write_ca(directory)
+        port = reactor.listenSSL(
+            0, self.echo, _ChainContext(cert.cert, cert.key), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        echo_port = port.getHost().port
         self.port = self.start_balance(
             f"""
             listeners:
@@ -636,6 +659,7 @@ class SecureWebSocketTests(BalanceTestCase):
             clusters:
               - name: echo
                 backends: [{{address: "127.0.0.1:{echo_port}"}}]
+                tls: {{verify: true, ca: {ca}, sni: localhost}}
             """
         )
 
