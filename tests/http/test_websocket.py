@@ -11,7 +11,10 @@ import struct
 
 from twisted.trial import unittest
 
+from balance.config import model
+from balance.http.headers import request_head, upgrade_response_head
 from balance.http.proxy import Exchange
+from balance.http.router import CompiledRoute
 from balance.http.websocket import (
     CLOSE_TOO_BIG,
     FrameGuard,
@@ -101,6 +104,56 @@ class HandshakeTests(unittest.TestCase):
         ]
         for ex, expected in cases:
             self.assertIn(expected, handshake_error(ex))
+
+
+class HeadTests(unittest.TestCase):
+    """The heads of an upgrade, both ways."""
+
+    def test_response_head(self):
+        """
+        The 101 keeps Upgrade and Connection: Upgrade, drops other
+        hop-by-hop fields, appends Via, and applies the route's edits.
+        """
+        route = CompiledRoute(
+            model.Route(
+                cluster="c",
+                websocket=True,
+                response_headers=model.HeaderEdits(set=(("x-set", "1"),), remove=("server",)),
+            ),
+            0,
+        )
+        ex = exchange(route=route, upgrade=b"websocket")
+        head = upgrade_response_head(
+            ex,
+            b"Switching Protocols",
+            [
+                (b"Upgrade", b"WebSocket"),
+                (b"Connection", b"upgrade"),
+                (b"Keep-Alive", b"timeout=5"),
+                (b"Sec-WebSocket-Accept", b"abc"),
+                (b"Server", b"backend"),
+                (b"X-Set", b"old"),
+                (b"Via", b"1.1 inner"),
+            ],
+        )
+        self.assertEqual(
+            head,
+            b"HTTP/1.1 101 Switching Protocols\r\n"
+            b"Sec-WebSocket-Accept: abc\r\n"
+            b"Connection: Upgrade\r\nUpgrade: WebSocket\r\n"
+            b"Via: 1.1 inner, 1.1 balance\r\n"
+            b"x-set: 1\r\n\r\n",
+        )
+
+    def test_request_head(self):
+        """Upstream, the handshake offers websocket alone, with Connection: Upgrade."""
+        route = CompiledRoute(model.Route(cluster="c", websocket=True), 0)
+        ex = exchange(route=route, upgrade=b"websocket, h2c", target=b"/ws", host=b"a")
+        ex.connection_tokens = {b"upgrade", b"keep-alive"}
+        head = request_head(ex, b"192.0.2.1", b"http")
+        self.assertIn(b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", head)
+        self.assertEqual(head.count(b"Upgrade:"), 1)
+        self.assertIn(b"Sec-WebSocket-Key: " + KEY + b"\r\n", head)
 
 
 class CloseFrameTests(unittest.TestCase):
