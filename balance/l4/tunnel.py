@@ -15,7 +15,10 @@ The relay itself (C{_from_client}/C{_from_backend} and the flow control)
 knows only two transports, so the splice(2) fast path of plain TCP can
 replace it for a pair of C{tcp.Server}/C{tcp.Client} transports without a
 L{FrameGuard<balance.http.websocket.FrameGuard>}; the protocols, counters,
-timer and close logic stay the same.
+timer and close logic stay the same.  The OPEN-phase relay of
+L{balance.l4.relay.L4ProxyProtocol} is the same state machine (it shares
+C{_shut_down_writes} with it) and can move onto this class, so that TCP
+listeners and upgraded HTTP connections get the splice path from one place.
 """
 
 from __future__ import annotations
