@@ -47,6 +47,7 @@ def frame(payload: bytes, opcode: int = 2, fin: bool = True, masked: bool = True
 
 
 def exchange(**changes) -> Exchange:
+    """An exchange whose head is a valid handshake, with C{changes} applied."""
     ex = Exchange(None)
     ex.method = b"GET"
     ex.http11 = True
@@ -63,6 +64,8 @@ def exchange(**changes) -> Exchange:
 
 
 class HandshakeTests(unittest.TestCase):
+    """What makes an opening handshake valid, and the accept value."""
+
     def test_accept_value(self):
         """RFC 6455 section 1.3's example."""
         self.assertEqual(accept_value(KEY), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
@@ -157,6 +160,8 @@ class HeadTests(unittest.TestCase):
 
 
 class CloseFrameTests(unittest.TestCase):
+    """The 1009 close frames, to a client (unmasked) and to a server (masked)."""
+
     def test_unmasked(self):
         self.assertEqual(close_frame(CLOSE_TOO_BIG, False), b"\x88\x02\x03\xf1")
 

@@ -75,6 +75,7 @@ class EchoServer(WebSocketServerProtocol):
 
 
 def echo_factory() -> WebSocketServerFactory:
+    """An L{EchoServer} factory with no size limits, recording handshakes and closes."""
     factory = WebSocketServerFactory()
     factory.protocol = EchoServer
     factory.requests = []
@@ -163,6 +164,8 @@ class _Declining(Protocol):
 
 
 class Declining(Factory):
+    """A backend that never switches protocols (see L{_Declining})."""
+
     protocol = _Declining
     noisy = False
 
@@ -237,6 +240,13 @@ class _RawClient(Protocol):
 
 
 class RawWebSocket(Factory):
+    """
+    The factory of L{_RawWebSocket}s.
+
+    :param accept: computes the C{Sec-WebSocket-Accept} it answers (a liar
+        answers a wrong one).
+    """
+
     protocol = _RawWebSocket
     noisy = False
 

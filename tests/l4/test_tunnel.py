@@ -105,6 +105,8 @@ class _FirstFactory(Factory):
 
 
 class TunnelTests(unittest.TestCase):
+    """A tunnel between a front connection and an echoing (or half-closing) backend."""
+
     def setUp(self):
         self.echo = EchoFactory()
         port = reactor.listenTCP(0, self.echo, interface="127.0.0.1")
