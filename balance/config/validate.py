@@ -720,16 +720,29 @@ unsupported(
     lambda c: c.send_proxy_protocol is not None and c.tls is not None,
     "send_proxy_protocol together with cluster tls",
 )
-unsupported(("routes", "websocket"), lambda r: r.websocket, "websocket")
-unsupported(
-    ("routes", "websocket_max_message_bytes"),
-    lambda r: r.websocket_max_message_bytes is not None,
-    "websocket_max_message_bytes",
-)
 unsupported(
     ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
 )
 unsupported(("", "tracing"), lambda c: c.tracing is not None, "tracing")
+
+
+def _websocket_checks(ctx, raw, config: model.Config):
+    """C{websocket_max_message_bytes} only means something with C{websocket: true}."""
+    for i, listener in enumerate(config.listeners):
+        for j, route in enumerate(listener.routes):
+            limit = route.websocket_max_message_bytes
+            if limit is None:
+                continue
+            where = ("listeners", i, "routes", j, "websocket_max_message_bytes")
+            shown = f"listeners[{i}].routes[{j}].websocket_max_message_bytes"
+            if not route.websocket:
+                ctx.error(
+                    _line_of(raw, *where),
+                    shown,
+                    "needs websocket: true on the same route (frame-aware mode of its tunnels)",
+                )
+            elif limit < 1:
+                ctx.error(_line_of(raw, *where), shown, "expected at least 1 byte, got 0")
 
 
 def validate(raw, path: str) -> model.Config:
@@ -752,6 +765,7 @@ def validate(raw, path: str) -> model.Config:
         raise ConfigError(ctx.lines())
     config = model.Config(path=path, **parsed)
     _unsupported_checks(ctx, raw, config)
+    _websocket_checks(ctx, raw, config)
     _tls_file_checks(ctx, raw, config)
     if ctx.errors:
         raise ConfigError(ctx.lines())

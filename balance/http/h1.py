@@ -20,8 +20,9 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from balance import _io
-from balance.http import message
+from balance.http import message, websocket
 from balance.http.proxy import ERROR_BODIES, Exchange, local_response
+from balance.l4.tunnel import Tunnel
 from balance.proxyproto import client_address, host_bytes
 
 _MAX_HEADERS = 128
@@ -92,6 +93,15 @@ class DownstreamConnection(Protocol):
         self._timer_kind = _TIMER_HEAD
         self.bytes_in = 0
         self.bytes_out = 0
+        # Upgrades: the exchange whose request made the parser stop (its
+        # Upgrade is honoured or ignored), the bytes read after a WebSocket
+        # handshake while its answer is awaited, a request body the parser
+        # skipped for an ignored Upgrade, and the tunnel once upgraded.
+        self._upgrading = None
+        self._held = None
+        self._skipped_body = None
+        self._synthetic = False
+        self.tunnel = None
 
     # -- Protocol ------------------------------------------------------------------
 
@@ -109,38 +119,84 @@ class DownstreamConnection(Protocol):
     def dataReceived(self, data: bytes):
         self.bytes_in += len(data)
         self.ctx.listener_metrics.bytes_in += len(data)
-        parser = self._parser
-        if parser is None:
-            # Allocated on the first byte, not on accept: idle connections
-            # cost only their transport.
-            parser = self._parser = httptools.HttpRequestParser(self)
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, _Reject):
-                self._reject(cause.status, cause.reason)
-            elif not isinstance(cause, _Stop):
-                raise
-        except httptools.HttpParserUpgrade:
-            # Refused in on_headers_complete already.
-            pass
-        except httptools.HttpParserError as e:
-            self._reject(400, "malformed request: %s" % (e,))
-        else:
-            if self._in_head:
-                self._head_bytes += len(data)
-                if self._head_bytes > self.ctx.max_header_bytes:
-                    self._reject(431, "request head larger than max_header_bytes")
+        held = self._held
+        if held is not None:
+            # Read after a WebSocket handshake, before its answer: tunnel
+            # bytes if the backend switches protocols, else the next request.
+            self._held = held + data
+            self.pause_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse C{data}, start the request it completes, send what is queued."""
+        while True:
+            parser = self._parser
+            if parser is None:
+                # Allocated on the first byte, not on accept: idle connections
+                # cost only their transport.
+                parser = self._parser = httptools.HttpRequestParser(self)
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserCallbackError as e:
+                cause = e.__context__
+                if isinstance(cause, _Reject):
+                    self._reject(cause.status, cause.reason)
+                elif not isinstance(cause, _Stop):
+                    raise
+            except httptools.HttpParserUpgrade as e:
+                # The parser stops after a request asking for an upgrade and
+                # cannot go on: what follows gets a parser of its own.
+                data = self._after_upgrade(data[e.args[0] :])
+                if data:
+                    continue
+            except httptools.HttpParserError as e:
+                self._reject(400, "malformed request: %s" % (e,))
             else:
-                rx = self._receiving
-                if rx is not None and rx.chunked_in:
-                    self._check_framing(rx, len(data))
+                if self._in_head:
+                    self._head_bytes += len(data)
+                    if self._head_bytes > self.ctx.max_header_bytes:
+                        self._reject(431, "request head larger than max_header_bytes")
+                else:
+                    rx = self._receiving
+                    if rx is not None and rx.chunked_in:
+                        self._check_framing(rx, len(data))
+            break
         ex = self._start_pending
         if ex is not None:
             self._start_pending = None
             ex.start()
         self.flush()
+
+    def _after_upgrade(self, rest: bytes) -> bytes:
+        """
+        The parser stopped after a request with C{Connection: upgrade}.
+        A WebSocket handshake holds C{rest} until the backend answers.
+        Any other upgrade (h2c...) is ignored: the request is served as
+        HTTP/1.1, and parsing goes on with a new parser.
+
+        :return: the bytes to parse next.
+        """
+        ex, self._upgrading = self._upgrading, None
+        self._parser = None
+        if ex is not None and ex.upgrade is not None:
+            self._held = rest
+            self.pause_reading()
+            return b""
+        skipped = self._skipped_body
+        if skipped is not None:
+            # The parser took the head for the whole request; its body
+            # comes next, parsed behind a made-up head that frames it
+            # the same way (see on_headers_complete).
+            self._skipped_body = None
+            self._synthetic = True
+            if skipped.chunked_in:
+                return b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + rest
+            return b"PUT / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (
+                skipped.content_length,
+                rest,
+            )
+        return rest
 
     def connectionLost(self, reason):
         self.gone = True
@@ -277,6 +333,8 @@ class DownstreamConnection(Protocol):
     # -- parser callbacks ----------------------------------------------------------
 
     def on_message_begin(self):
+        if self._synthetic:
+            return
         if self._closing:
             raise _Stop()
         self._url = b""
@@ -287,9 +345,13 @@ class DownstreamConnection(Protocol):
             self._set_timer(_TIMER_HEAD, self.ctx.handshake_timeout)
 
     def on_url(self, url: bytes):
+        if self._synthetic:
+            return
         self._url += url
 
     def on_header(self, name: bytes, value: bytes):
+        if self._synthetic:
+            return
         headers = self._headers
         if headers is None:
             # A trailer field after a chunked body.  The head has gone
@@ -301,17 +363,21 @@ class DownstreamConnection(Protocol):
             raise _Reject(431, "more than %d request header fields" % (_MAX_HEADERS,))
 
     def on_headers_complete(self):
+        if self._synthetic:
+            # The made-up head of a body the parser skipped: the body goes
+            # to the exchange still receiving.
+            self._synthetic = False
+            return
         self._in_head = False
         ctx = self.ctx
         parser = self._parser
         ex = Exchange(self)
         ex.method = method = parser.get_method()
-        if parser.should_upgrade():
-            # WebSocket and CONNECT tunnels are a later feature; refuse them
-            # rather than forward a request half-understood.
+        upgrading = parser.should_upgrade()
+        if upgrading:
             if method == b"CONNECT":
                 raise _Reject(405, "CONNECT is not supported")
-            raise _Reject(501, "protocol upgrade is not supported")
+            self._upgrading = ex
         version = parser.get_http_version()
         ex.http11 = version == "1.1"
         if not ex.http11 and version != "1.0":
@@ -325,6 +391,7 @@ class DownstreamConnection(Protocol):
         length = None
         te = None
         conn_values = None
+        upgrade = None
         for name, value in self._headers:
             head_size += len(name) + len(value) + 4
             if len(name) > 17:
@@ -340,6 +407,8 @@ class DownstreamConnection(Protocol):
                 te = value if te is None else te + b", " + value
             elif lname == b"connection":
                 conn_values = [value] if conn_values is None else conn_values + [value]
+            elif lname == b"upgrade":
+                upgrade = value if upgrade is None else upgrade + b", " + value
             elif lname == b"expect":
                 if value.lower() != b"100-continue":
                     raise _Reject(417, "unsupported Expect: %r" % (value,))
@@ -362,6 +431,15 @@ class DownstreamConnection(Protocol):
             ex.content_length = int(length)
             if ex.content_length > ctx.max_body_bytes:
                 raise _Reject(413, "Content-Length above max_body_bytes")
+        if upgrade is not None and websocket.is_websocket(upgrade):
+            ex.upgrade = upgrade
+            error = websocket.handshake_error(ex)
+            if error is not None:
+                raise _Reject(400, error)
+        elif upgrading and (ex.content_length or ex.chunked_in):
+            # An Upgrade Balance ignores (h2c...): the parser stops after
+            # the head, before the body; see _after_upgrade.
+            self._skipped_body = ex
         self._receiving = ex
         if self._active is None:
             self._active = ex
@@ -381,6 +459,9 @@ class DownstreamConnection(Protocol):
 
     def on_message_complete(self):
         ex = self._receiving
+        if ex is self._skipped_body:
+            # Not complete: the parser skipped its body (_after_upgrade).
+            return
         self._receiving = None
         if not ex.keep_alive:
             # Nothing after this request will be read.
@@ -496,6 +577,13 @@ class DownstreamConnection(Protocol):
             self.flush()
             self.transport.loseConnection()
             return
+        if self._held is not None:
+            # The backend declined an upgrade: what the client sent after
+            # the handshake is HTTP again, parsed on a later turn (a run
+            # of declined handshakes must not recurse).
+            self._set_timer(_TIMER_IDLE, self.ctx.idle_timeout)
+            self.ctx.reactor.callLater(0, self._replay)
+            return
         queue = self._queue
         if queue:
             nxt = self._active = queue.popleft()
@@ -510,6 +598,58 @@ class DownstreamConnection(Protocol):
             return
         self._set_timer(_TIMER_IDLE, self.ctx.idle_timeout)
         self.resume_reading()
+
+    def _replay(self) -> None:
+        """Parse the bytes held back during a declined upgrade."""
+        held, self._held = self._held, None
+        if self.gone or self._closing or held is None:
+            return
+        self.resume_reading()
+        if held:
+            self._feed(held)
+
+    # -- upgraded connections ------------------------------------------------------
+
+    def start_tunnel(self, ex: Exchange, conn, rest: bytes, guard) -> None:
+        """
+        The backend switched protocols for C{ex}: from now on this client
+        connection and the backend's C{conn} are joined in a
+        L{balance.l4.tunnel.Tunnel}, which takes both transports over.
+
+        :param rest: what the backend sent after its 101.
+        :param guard: a L{balance.http.websocket.FrameGuard}, or L{None}.
+        """
+        held, self._held = self._held or b"", None
+        # The tunnel counts the held bytes as it sends them.
+        self.bytes_in -= len(held)
+        ctx = self.ctx
+        ctx.listener_metrics.bytes_in -= len(held)
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._paused = False
+        tunnel = self.tunnel = Tunnel(
+            ctx.reactor,
+            self.transport,
+            conn.transport,
+            ctx.idle_timeout,
+            lambda t: self._tunnel_done(ex, conn, t),
+            ctx.listener_metrics,
+            guard,
+        )
+        tunnel.start(self, conn, held, rest)
+
+    def _tunnel_done(self, ex: Exchange, conn, tunnel) -> None:
+        """Both sides of the tunnel are closed: the connection's end."""
+        self.tunnel = None
+        self.gone = True
+        self._closing = True
+        self._active = None
+        self.bytes_in += tunnel.client_bytes
+        self.bytes_out += tunnel.backend_bytes
+        ex.tunnel_done(tunnel, conn)
+        self.ctx.request_done(self, ex)
+        self.ctx.connection_lost(self)
 
     def drain(self) -> None:
         """Finish the current exchange, then close; close now if idle."""

@@ -94,6 +94,10 @@ def request_head(
     append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
     if ex.chunked_in:
         append(b"Transfer-Encoding: " + ex.te_value + b"\r\n")
+    elif ex.upgrade is not None:
+        # The one hop-by-hop pair that goes on, offering websocket alone
+        # (the only upgrade Balance lets through).
+        append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     for name, value in setters:
         append(name + b": " + value + b"\r\n")
     append(b"\r\n")
@@ -184,4 +188,38 @@ def response_head(
         append(b"Connection: keep-alive\r\n\r\n")
     else:
         append(b"\r\n")
+    return b"".join(parts)
+
+
+def upgrade_response_head(ex, phrase: bytes, headers) -> bytes:
+    """
+    The head Balance sends downstream for a backend's C{101 Switching
+    Protocols}: as L{response_head} for the end-to-end fields and the
+    route's edits, with C{Connection: Upgrade} and the backend's
+    C{Upgrade} kept, and no body framing (the connection is a tunnel
+    from here on).
+    """
+    route = ex.route
+    remove = route.response_remove
+    setters = route.response_set
+    parts = [b"HTTP/1.1 101 " + (phrase or reason(101)) + b"\r\n"]
+    append = parts.append
+    upgrade = None
+    via = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESPONSE_SPECIAL:
+            if lname == b"upgrade":
+                upgrade = value if upgrade is None else upgrade + b", " + value
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
+            continue
+        if (remove and lname in remove) or (setters and lname in route.response_set_names):
+            continue
+        append(name + b": " + value + b"\r\n")
+    append(b"Connection: Upgrade\r\nUpgrade: " + (upgrade or ex.upgrade) + b"\r\n")
+    append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
+    for name, value in setters:
+        append(name + b": " + value + b"\r\n")
+    append(b"\r\n")
     return b"".join(parts)

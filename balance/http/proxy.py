@@ -30,7 +30,9 @@ from __future__ import annotations
 from balance.cluster.breaker import BreakerState, Permit
 from balance.cluster.retry import MAX_REPLAY_BODY, Outcome
 from balance.http import message
+from balance.http.headers import upgrade_response_head
 from balance.http.upstream import describe_failure
+from balance.http.websocket import FrameGuard, accept_matches
 from balance.ratelimit.limiter import Decision
 
 _CHUNK_END = b"\r\n"
@@ -189,6 +191,9 @@ class Exchange:
         "_slot",
         "_counted",
         "proxy_header",
+        "upgrade",
+        "ws_key",
+        "switching",
     )
 
     def __init__(self, downstream):
@@ -239,6 +244,11 @@ class Exchange:
         self._counted = False
         # send_proxy_protocol: the header upstream connections begin with.
         self.proxy_header = None
+        # A WebSocket handshake: the client's Upgrade value and its key;
+        # and the backend's 101 (reason, headers), until the tunnel starts.
+        self.upgrade = None
+        self.ws_key = b""
+        self.switching = None
 
     # -- starting ------------------------------------------------------------
 
@@ -258,6 +268,9 @@ class Exchange:
             self.fail(404, "no route")
             return
         self.route = route
+        if self.upgrade is not None and not route.config.websocket:
+            self.fail(400, "WebSocket upgrade on a route without websocket: true")
+            return
         if route.acl is not None and not route.acl.allowed(down.client_ip):
             self.fail(403, "client address not allowed on this route")
             return
@@ -377,7 +390,8 @@ class Exchange:
         self.pool = down.ctx.pools.get(backend, model.pool)
         if model.send_proxy_protocol is not None:
             self.proxy_header = down.ctx.proxy_header(down, model.send_proxy_protocol)
-        conn = self.pool.take(self.proxy_header)
+        # An upgrade goes on a fresh connection, which becomes the tunnel's.
+        conn = self.pool.take(self.proxy_header) if self.upgrade is None else None
         if conn is not None:
             self._send(conn)
             return
@@ -689,6 +703,11 @@ class Exchange:
         if cluster.measures_latency:
             cluster.observe(backend, down.ctx.reactor.seconds() - self.t_sent)
         self.status = status
+        if status == 101:
+            # Answered once the parser stops at the end of this head and
+            # the bytes after it are known (switch_protocols).
+            self.switching = (reason, headers)
+            return
         self.response_started = True
         if not self.request_done:
             # An answer before the whole request: the rest of the body
@@ -716,8 +735,52 @@ class Exchange:
         if conn is not self.upstream:
             return
         self.downstream.end_response(self)
-        self._release(conn, keep_alive and self._body_sent)
+        # A connection that carried an upgrade request is not reused, even
+        # when the backend declined it.
+        self._release(conn, keep_alive and self._body_sent and self.upgrade is None)
         self._finish()
+
+    def switch_protocols(self, conn, rest: bytes) -> None:
+        """
+        The backend answered the upgrade with C{101}; C{rest} is what it sent
+        after that head.  If it accepted the client's key, the 101 goes to
+        the client and both connections become a tunnel; else 502.
+        """
+        if conn is not self.upstream:
+            return
+        reason, headers = self.switching
+        self.switching = None
+        if not accept_matches(self.ws_key, headers):
+            why = "%s: 101 without the right Sec-WebSocket-Accept" % (self.backend.address,)
+            self.fail(502, why)
+            return
+        self.upstream = None
+        self.response_started = True
+        conn.exchange = None
+        down = self.downstream
+        down.write(upgrade_response_head(self, reason, headers))
+        down.flush()
+        guard = None
+        limits = down.ctx.ws_limits.get(self.route) if down.ctx.ws_limits else None
+        if limits is not None:
+            guard = FrameGuard(*limits)
+        down.start_tunnel(self, conn, rest, guard)
+
+    def tunnel_done(self, tunnel, conn) -> None:
+        """
+        The tunnel of an upgraded request closed, and with it C{conn}, the
+        backend connection it took over: the exchange is over.
+        """
+        conn._closed = True
+        breakers, conn.breakers = conn.breakers, None
+        if breakers is not None:
+            breakers.release_connection()
+        self.body_received = tunnel.client_bytes
+        self.response_bytes = tunnel.backend_bytes
+        self.reason = tunnel.reason
+        self.response_done = True
+        if self._slot:
+            self._end()
 
     def _release(self, conn, reuse: bool) -> None:
         self.upstream = None

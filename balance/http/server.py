@@ -57,6 +57,9 @@ class HTTPContext:
     :ivar acl: the listener's address ACL, or L{None} when it has none.
     :ivar retry_policies: C{{route: (RetryPolicy, RetryBudget)}} for the
         routes with C{retry:}; empty when none has.
+    :ivar ws_limits: C{{route: (limit, upstream counter, downstream
+        counter)}} for the WebSocket routes in frame-aware mode (with
+        C{websocket_max_message_bytes}); empty when none is.
     """
 
     def __init__(
@@ -83,9 +86,17 @@ class HTTPContext:
         self.router = Router(listener.routes, default_cluster=listener.cluster)
         store = rate_limit_store
         self.retry_policies: dict = {}
+        self.ws_limits: dict = {}
         for route in self.router.routes:
             route.metrics = metrics.route(listener.name, route.label, route.cluster)
             config = route.config
+            if config.websocket and config.websocket_max_message_bytes is not None:
+                # Frame-aware mode: (limit, client messages, backend messages).
+                self.ws_limits[route] = (
+                    config.websocket_max_message_bytes,
+                    metrics.websocket_messages(route.label, "upstream"),
+                    metrics.websocket_messages(route.label, "downstream"),
+                )
             if config.allow:
                 route.acl = CidrMatcher(config.allow, ())
             if config.retry is not None and route.cluster is not None:

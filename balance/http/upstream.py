@@ -115,7 +115,22 @@ class UpstreamConnection(Protocol):
                 self._feed_head_only(data)
             else:
                 self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+        except httptools.HttpParserUpgrade as e:
+            if self._status == 101 and exchange.switching is not None:
+                # The parser stopped at the end of the 101: what follows is
+                # the upgraded protocol's, for the tunnel.
+                self._complete = False
+                exchange.switch_protocols(self, data[e.args[0] :])
+                exchange.downstream.flush()
+                return
+            self._keep_alive = False
+            if not self._complete:
+                self.exchange = None
+                self.close()
+                exchange.upstream_failed(self, "malformed response: %s" % (e,), 502)
+                exchange.downstream.flush()
+                return
+        except httptools.HttpParserError as e:
             if not self._complete:
                 self.exchange = None
                 self.close()
@@ -235,6 +250,12 @@ class UpstreamConnection(Protocol):
             # from inside this very parse, e.g. to retry on its status).
             raise _Unsolicited()
         status = self._parser.get_status_code()
+        if status == 101:
+            if self.exchange.upgrade is None:
+                raise httptools.HttpParserError("101 to a request that asked no upgrade")
+            self._status = status
+            self.exchange.response_head(self, status, self._reason, self._headers)
+            return
         if status < 200:
             if status < 100:
                 raise httptools.HttpParserError("invalid status code %d" % (status,))

@@ -231,6 +231,7 @@ class Metrics:
         self._routes: dict[tuple[str, str, str], RouteMetrics] = {}
         self._backends: dict[tuple[str, str], BackendMetrics] = {}
         self._rate_limited: dict[tuple[str, str], Counter] = {}
+        self._websocket_messages: dict[tuple[str, str], Counter] = {}
         self._backend_sources: list = []
         self.config_reloads: dict[str, int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -284,6 +285,20 @@ class Metrics:
         m = self._rate_limited.get(key)
         if m is None:
             m = self._rate_limited[key] = Counter()
+        return m
+
+    def websocket_messages(self, route: str, direction: str) -> Counter:
+        """
+        The counter of WebSocket messages relayed on a route in frame-aware
+        mode (C{websocket_max_message_bytes}).
+
+        :param direction: C{"upstream"} (client to backend) or
+            C{"downstream"} (backend to client).
+        """
+        key = (route, direction)
+        m = self._websocket_messages.get(key)
+        if m is None:
+            m = self._websocket_messages[key] = Counter()
         return m
 
     def config_reload(self, result: str) -> None:
@@ -414,6 +429,12 @@ _FAMILIES = (
         ("cluster", "backend", "result"),
     ),
     ("counter", "balance_config_reloads_total", "Config reloads, by result.", ("result",)),
+    (
+        "counter",
+        "balance_websocket_messages_total",
+        "WebSocket messages relayed on routes in frame-aware mode, by direction.",
+        ("route", "direction"),
+    ),
 )
 
 _KINDS = {
@@ -452,6 +473,7 @@ class _Collector:
             breaker,
             health,
             reloads,
+            ws_messages,
         ) = families
 
         for lm in m._listeners.values():
@@ -494,5 +516,8 @@ class _Collector:
 
         for result, n in m.config_reloads.items():
             reloads.add_metric((result,), n)
+
+        for (route, direction), counter in m._websocket_messages.items():
+            ws_messages.add_metric((route, direction), counter.value)
 
         return families

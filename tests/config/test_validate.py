@@ -398,6 +398,34 @@ class ErrorTests(unittest.TestCase):
             "cluster tls is not implemented in this version of Balance",
         )
 
+    def test_websocket(self):
+        """
+        WebSocket routes validate; a message limit needs websocket: true
+        and at least a byte.
+        """
+        config = """\
+            listeners:
+              - name: web
+                listen: "tcp:8080"
+                routes:
+                  - {match: {path_prefix: "/ws/"}, cluster: c, websocket: true, %s}
+            clusters:
+              - {name: c, backends: ["127.0.0.1:9001"]}
+            """
+        model = check(config % "websocket_max_message_bytes: 64KiB")
+        route = model.listeners[0].routes[0]
+        self.assertEqual((route.websocket, route.websocket_max_message_bytes), (True, 65536))
+        [error] = self.errors(
+            config.replace("websocket: true", "websocket: false") % "websocket_max_message_bytes: 1"
+        )
+        self.assertEqual(
+            error,
+            "t.yaml:5: listeners[0].routes[0].websocket_max_message_bytes: needs websocket: "
+            "true on the same route (frame-aware mode of its tunnels)",
+        )
+        [error] = self.errors(config % "websocket_max_message_bytes: 0")
+        self.assertIn("expected at least 1 byte", error)
+
     def test_load_config_syntax(self):
         path = self.mktemp()
         with open(path, "w") as f:

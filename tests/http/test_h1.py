@@ -214,10 +214,13 @@ class RejectTests(ProxyTestCase):
         self.assert_rejected(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505)
 
     def test_tunnels_not_supported(self):
-        """CONNECT is answered 405 and a protocol upgrade 501."""
+        """
+        CONNECT is answered 405, and a WebSocket handshake that is not one
+        (no key, no version) 400.
+        """
         self.assert_rejected(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405)
         self.assert_rejected(
-            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", 501
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n", 400
         )
 
     def test_unknown_expectation(self):

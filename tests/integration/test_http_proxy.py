@@ -630,8 +630,8 @@ class ErrorTests(BalanceTestCase):
         """
         Malformed requests (400), an unsupported version (505), heads over
         max_header_bytes (431), bodies over max_body_bytes (413), CONNECT
-        (405), an unknown Expect (417) and an Upgrade (501) are answered,
-        and the connection closed.
+        (405), an unknown Expect (417) and an invalid WebSocket handshake
+        (400) are answered, and the connection closed.
         """
         for data, status in (
             (b"GET / HTTP/1.1\r\nHost: a\r\nX-A : b\r\n\r\n", 400),
@@ -646,7 +646,7 @@ class ErrorTests(BalanceTestCase):
             (b"GET /who/ HTTP/1.1\r\nHost: a\r\nExpect: coffee\r\n\r\n", 417),
             (
                 b"GET /who/ HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
-                501,
+                400,
             ),
         ):
             self.assertEqual(await self.status(data, wait_close=True), ([status], True), data[:40])

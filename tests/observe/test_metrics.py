@@ -42,6 +42,8 @@ CONTRACT = {
     "balance_circuit_breaker_open": ("gauge", {"cluster", "backend"}),
     "balance_health_checks_total": ("counter", {"cluster", "backend", "result"}),
     "balance_config_reloads_total": ("counter", {"result"}),
+    # Extensions, documented in the README's metric reference.
+    "balance_websocket_messages_total": ("counter", {"route", "direction"}),
 }
 
 
@@ -70,6 +72,7 @@ def populated(process: bool = True) -> Metrics:
     m.rate_limited("web", "0").value += 3
     m.config_reload("success")
     m.config_reload("failure")
+    m.websocket_messages("0", "upstream").value += 7
     m.add_backend_source(
         lambda: [("api", "127.0.0.1:9001", True, 3, False), ("api", "[::1]:9002", False, 0, True)]
     )
