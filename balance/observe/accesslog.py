@@ -1,9 +1,11 @@
 """
-Access logs: one line per request, JSON or the combined log format.
+Access logs: one line per request (per connection on tcp listeners), JSON
+or the combined log format.
 
 Lines are written to a buffered file object and flushed once a second (and
 on stop), so that logging costs a formatting call per request and no
-system call.
+system call.  L{AccessLog.reopen} (SIGUSR1) closes and reopens the file,
+for logrotate's rename-then-signal.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import time
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_UNREAD = object()
 
 
 def _header(ex, name: bytes) -> str:
@@ -23,6 +27,69 @@ def _header(ex, name: bytes) -> str:
         if len(n) == len(name) and n.lower() == name:
             return v.decode("latin-1")
     return "-"
+
+
+def protocol_version(conn, ex) -> str:
+    """C{"2"}, C{"1.1"} or C{"1.0"}: the HTTP version the client spoke."""
+    if getattr(conn, "http2", False):
+        return "2"
+    return "1.1" if ex.http11 else "1.0"
+
+
+def tls_version(conn) -> str | None:
+    """
+    The TLS version of a client connection (C{"TLSv1.3"}), or L{None} for
+    cleartext; read once per connection and kept on it (an HTTP/2 stream
+    reads its connection's).
+    """
+    holder = getattr(conn, "conn", conn)
+    version = getattr(holder, "tls_version", _UNREAD)
+    if version is _UNREAD:
+        version = None
+        transport = getattr(holder, "transport", None)
+        if isinstance(transport, TLSMemoryBIOProtocol):
+            handle = transport.getHandle()
+            if handle is not None:
+                version = handle.get_protocol_version_name()
+                if version == "Unknown":
+                    # Not negotiated yet: ask again next time.
+                    return None
+        try:
+            holder.tls_version = version
+        except AttributeError:
+            pass
+    return version
+
+
+def _stamp(now: float) -> str:
+    """The combined log format's time: C{[10/Oct/2000:13:55:36 +0000]}."""
+    t = time.gmtime(now)
+    return "%02d/%s/%04d:%02d:%02d:%02d +0000" % (
+        t.tm_mday,
+        _MONTHS[t.tm_mon - 1],
+        t.tm_year,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+    )
+
+
+def _iso(now: float) -> str:
+    """ISO 8601 in UTC with milliseconds: C{2023-11-14T22:13:20.123Z}."""
+    t = time.gmtime(now)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
+        t.tm_year,
+        t.tm_mon,
+        t.tm_mday,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
+        int(now * 1000) % 1000,
+    )
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
 
 
 class AccessLog:
@@ -39,67 +106,133 @@ class AccessLog:
         self.path = path
         self.format = fmt
         self._clock = clock
-        if path == "-":
-            self._file = sys.stdout
-        else:
-            self._file = open(path, "a", encoding="utf-8", buffering=1 << 16)
+        self._file = self._open()
         self._flusher = LoopingCall(self.flush)
         self._flusher.clock = reactor
         self._flusher.start(1.0, now=False)
 
+    def _open(self):
+        if self.path == "-":
+            return sys.stdout
+        return open(self.path, "a", encoding="utf-8", buffering=1 << 16)
+
     def write(self, ctx, conn, ex) -> None:
-        """Write the line of one exchange."""
+        """Write the line of one HTTP exchange."""
         route = ex.route
         backend = ex.backend
         now = self._clock()
+        duration = ctx.reactor.seconds() - ex.started if ex.started else 0.0
+        upstream_ms = _ms(ex.t_head - ex.t_sent) if ex.t_head and backend is not None else None
+        span = ex.span
+        trace_id = span.trace_id.decode("ascii") if span is not None else None
+        tls = tls_version(conn)
+        version = protocol_version(conn, ex)
         if self.format == "json":
             line = json.dumps(
                 {
-                    "time": now,
+                    "time": _iso(now),
                     "listener": ctx.name,
                     "client": conn.client_ip.decode("ascii"),
                     "method": ex.method.decode("latin-1"),
                     "host": ex.host.decode("latin-1"),
                     "target": ex.target.decode("latin-1"),
+                    "path": ex.path.decode("latin-1"),
+                    "protocol": "HTTP/2.0" if version == "2" else "HTTP/" + version,
                     "status": ex.status,
                     "request_bytes": ex.body_received,
                     "response_bytes": ex.response_bytes,
-                    "duration_ms": round((ctx.reactor.seconds() - ex.started) * 1000, 3)
-                    if ex.started
-                    else 0,
-                    "route": route.index if route is not None else None,
+                    "duration_ms": _ms(duration),
+                    "route": route.label if route is not None else None,
                     "cluster": route.cluster if route is not None else None,
                     "backend": backend.address if backend is not None else None,
+                    "upstream_duration_ms": upstream_ms,
+                    "tls_version": tls,
+                    "trace_id": trace_id,
                     "reason": ex.reason or None,
                 },
                 separators=(",", ":"),
             )
         else:
-            t = time.gmtime(now)
-            stamp = "%02d/%s/%04d:%02d:%02d:%02d +0000" % (
-                t.tm_mday,
-                _MONTHS[t.tm_mon - 1],
-                t.tm_year,
-                t.tm_hour,
-                t.tm_min,
-                t.tm_sec,
-            )
             request = "%s %s HTTP/%s" % (
                 ex.method.decode("latin-1"),
                 ex.target.decode("latin-1"),
-                "1.1" if ex.http11 else "1.0",
+                "2.0" if version == "2" else version,
             )
-            line = '%s - - [%s] "%s" %d %d "%s" "%s"' % (
-                conn.client_ip.decode("ascii"),
-                stamp,
-                request if ex.method else "-",
-                ex.status,
-                ex.response_bytes,
-                _header(ex, b"referer"),
-                _header(ex, b"user-agent"),
+            line = (
+                '%s - - [%s] "%s" %d %d "%s" "%s" request_bytes=%d duration_ms=%s '
+                "route=%s cluster=%s backend=%s upstream_ms=%s tls=%s trace_id=%s"
+                % (
+                    conn.client_ip.decode("ascii"),
+                    _stamp(now),
+                    request if ex.method else "-",
+                    ex.status,
+                    ex.response_bytes,
+                    _header(ex, b"referer"),
+                    _header(ex, b"user-agent"),
+                    ex.body_received,
+                    _ms(duration),
+                    route.label if route is not None else "-",
+                    (route.cluster or "-") if route is not None else "-",
+                    backend.address if backend is not None else "-",
+                    upstream_ms if upstream_ms is not None else "-",
+                    tls or "-",
+                    trace_id or "-",
+                )
             )
             if ex.reason:
                 line += ' reason="%s"' % ex.reason.replace('"', "'")
+        self._file.write(line + "\n")
+
+    def write_connection(
+        self,
+        listener: str,
+        client: str,
+        backend: str | None,
+        bytes_in: int,
+        bytes_out: int,
+        duration: float,
+        reason: str,
+        tls: str | None = None,
+    ) -> None:
+        """
+        Write the line of one tcp listener connection.
+
+        :param client: the client's address.
+        :param backend: the backend it was relayed to, or L{None}.
+        :param bytes_in: bytes received from the client.
+        :param bytes_out: bytes sent to the client.
+        :param duration: seconds from accept to close.
+        :param reason: why it ended, when not by the peers closing
+            normally, else C{""}.
+        """
+        now = self._clock()
+        if self.format == "json":
+            line = json.dumps(
+                {
+                    "time": _iso(now),
+                    "listener": listener,
+                    "client": client,
+                    "protocol": "TCP",
+                    "backend": backend,
+                    "request_bytes": bytes_in,
+                    "response_bytes": bytes_out,
+                    "duration_ms": _ms(duration),
+                    "tls_version": tls,
+                    "reason": reason or None,
+                },
+                separators=(",", ":"),
+            )
+        else:
+            line = '%s - - [%s] "TCP" - %d "-" "-" request_bytes=%d duration_ms=%s backend=%s' % (
+                client,
+                _stamp(now),
+                bytes_out,
+                bytes_in,
+                _ms(duration),
+                backend or "-",
+            )
+            if reason:
+                line += ' reason="%s"' % reason.replace('"', "'")
         self._file.write(line + "\n")
 
     def flush(self) -> None:
@@ -108,6 +241,23 @@ class AccessLog:
             self._file.flush()
         except OSError as e:
             self._log.error("cannot write access log {path}: {error}", path=self.path, error=e)
+
+    def reopen(self) -> None:
+        """
+        Flush, close and open the file again by its path (after logrotate
+        renamed it: new lines go to a new file of that name).
+        """
+        if self._file is sys.stdout:
+            return
+        self.flush()
+        old = self._file
+        try:
+            self._file = self._open()
+        except OSError as e:
+            # Keep writing to the old file rather than lose lines.
+            self._log.error("cannot reopen access log {path}: {error}", path=self.path, error=e)
+            return
+        old.close()
 
     def close(self) -> None:
         """Flush and close (on stop or reload)."""
