@@ -453,6 +453,25 @@ class RequestTests(H2TestCase):
         self.assertEqual(conn.client_ip, b"192.0.2.10")
         self.assertEqual((ex.status, ex.target), (200, b"/x"))
 
+    def test_access_log_protocol(self):
+        """HTTP/2 requests are logged as HTTP/2.0, in both formats."""
+        from balance.observe.accesslog import AccessLog
+
+        self.client.request(b"/x")
+        self.proxy.run()
+        self.answer()
+        [(conn, ex)] = self.log.lines
+        lines = {}
+        for fmt in ("json", "combined"):
+            path = self.mktemp()
+            log = AccessLog(path, fmt, self.proxy.clock)
+            log.write(self.proxy.context, conn, ex)
+            log.close()
+            with open(path) as f:
+                lines[fmt] = f.read()
+        self.assertIn('"protocol":"HTTP/2.0"', lines["json"])
+        self.assertIn('"GET /x HTTP/2.0" 200', lines["combined"])
+
     def test_connection_counted_once(self):
         """An HTTP/2 connection counts as one connection of the listener."""
         metrics = self.proxy.context.listener_metrics
