@@ -85,7 +85,7 @@ def http_url(ctx, value, path, line):
     """An C{http://} or C{https://} URL with a host (an OTLP collector)."""
     if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
         return ctx.error(
-            line, path, f'expected an URL such as "http://127.0.0.1:4318", got {describe(value)}'
+            line, path, f'expected a URL such as "http://127.0.0.1:4318", got {describe(value)}'
         )
     return value
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from json.encoder import encode_basestring as _json_str
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -106,6 +107,10 @@ class AccessLog:
         self.path = path
         self.format = fmt
         self._clock = clock
+        self._second = -1
+        self._iso_prefix = self._clf = ""
+        # Per route object: its JSON and combined fragments.
+        self._routes: dict = {}
         self._file = self._open()
         self._flusher = LoopingCall(self.flush)
         self._flusher.clock = reactor
@@ -116,72 +121,114 @@ class AccessLog:
             return sys.stdout
         return open(self.path, "a", encoding="utf-8", buffering=1 << 16)
 
+    def _stamps(self, now: float) -> tuple[str, str]:
+        """The ISO 8601 and combined-format times of second C{now}, cached per second."""
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            t = time.gmtime(second)
+            self._iso_prefix = "%04d-%02d-%02dT%02d:%02d:%02d" % t[:6]
+            self._clf = "%02d/%s/%04d:%02d:%02d:%02d +0000" % (
+                t.tm_mday,
+                _MONTHS[t.tm_mon - 1],
+                t.tm_year,
+                t.tm_hour,
+                t.tm_min,
+                t.tm_sec,
+            )
+        return self._iso_prefix, self._clf
+
+    def _route_fields(self, route) -> tuple[str, str]:
+        """C{route}'s JSON and combined fragments, computed once per route object."""
+        fields = self._routes.get(route)
+        if fields is None:
+            if route is None:
+                fields = ('"route":null,"cluster":null', "route=- cluster=-")
+            else:
+                cluster = route.cluster
+                fields = (
+                    '"route":%s,"cluster":%s'
+                    % (_json_str(route.label), "null" if cluster is None else _json_str(cluster)),
+                    "route=%s cluster=%s" % (route.label, cluster or "-"),
+                )
+            if len(self._routes) < 4096:
+                self._routes[route] = fields
+        return fields
+
     def write(self, ctx, conn, ex) -> None:
         """Write the line of one HTTP exchange."""
-        route = ex.route
-        backend = ex.backend
         now = self._clock()
-        duration = ctx.reactor.seconds() - ex.started if ex.started else 0.0
-        upstream_ms = _ms(ex.t_head - ex.t_sent) if ex.t_head and backend is not None else None
+        iso, clf = self._stamps(now)
+        started = ex.started
+        duration = (ctx.reactor.seconds() - started) * 1000 if started else 0.0
+        backend = ex.backend
+        upstream = (
+            "%.3f" % ((ex.t_head - ex.t_sent) * 1000) if ex.t_head and backend is not None else None
+        )
         span = ex.span
-        trace_id = span.trace_id.decode("ascii") if span is not None else None
-        tls = tls_version(conn)
-        version = protocol_version(conn, ex)
+        trace_id = None if span is None else span.trace_id.decode("ascii")
+        holder = getattr(conn, "conn", conn)
+        tls = getattr(holder, "tls_version", _UNREAD)
+        if tls is _UNREAD:
+            tls = tls_version(conn)
+        if getattr(conn, "http2", False):
+            protocol = "HTTP/2.0"
+        else:
+            protocol = "HTTP/1.1" if ex.http11 else "HTTP/1.0"
+        route_json, route_clf = self._route_fields(ex.route)
+        method = ex.method.decode("latin-1")
+        target = ex.target.decode("latin-1")
         if self.format == "json":
-            line = json.dumps(
-                {
-                    "time": _iso(now),
-                    "listener": ctx.name,
-                    "client": conn.client_ip.decode("ascii"),
-                    "method": ex.method.decode("latin-1"),
-                    "host": ex.host.decode("latin-1"),
-                    "target": ex.target.decode("latin-1"),
-                    "path": ex.path.decode("latin-1"),
-                    "protocol": "HTTP/2.0" if version == "2" else "HTTP/" + version,
-                    "status": ex.status,
-                    "request_bytes": ex.body_received,
-                    "response_bytes": ex.response_bytes,
-                    "duration_ms": _ms(duration),
-                    "route": route.label if route is not None else None,
-                    "cluster": route.cluster if route is not None else None,
-                    "backend": backend.address if backend is not None else None,
-                    "upstream_duration_ms": upstream_ms,
-                    "tls_version": tls,
-                    "trace_id": trace_id,
-                    "reason": ex.reason or None,
-                },
-                separators=(",", ":"),
+            line = (
+                '{"time":"%s.%03dZ","listener":%s,"client":"%s","method":%s,"host":%s,'
+                '"target":%s,"path":%s,"protocol":"%s","status":%d,"request_bytes":%d,'
+                '"response_bytes":%d,"duration_ms":%.3f,%s,"backend":%s,'
+                '"upstream_duration_ms":%s,"tls_version":%s,"trace_id":%s,"reason":%s}\n'
+                % (
+                    iso,
+                    int(now * 1000) % 1000,
+                    _json_str(ctx.name),
+                    conn.client_ip.decode("ascii"),
+                    _json_str(method),
+                    _json_str(ex.host.decode("latin-1")),
+                    _json_str(target),
+                    _json_str(ex.path.decode("latin-1")),
+                    protocol,
+                    ex.status,
+                    ex.body_received,
+                    ex.response_bytes,
+                    duration,
+                    route_json,
+                    "null" if backend is None else _json_str(backend.address),
+                    "null" if upstream is None else upstream,
+                    "null" if tls is None else '"%s"' % (tls,),
+                    "null" if trace_id is None else '"%s"' % (trace_id,),
+                    _json_str(ex.reason) if ex.reason else "null",
+                )
             )
         else:
-            request = "%s %s HTTP/%s" % (
-                ex.method.decode("latin-1"),
-                ex.target.decode("latin-1"),
-                "2.0" if version == "2" else version,
-            )
             line = (
-                '%s - - [%s] "%s" %d %d "%s" "%s" request_bytes=%d duration_ms=%s '
-                "route=%s cluster=%s backend=%s upstream_ms=%s tls=%s trace_id=%s"
+                '%s - - [%s] "%s" %d %d "%s" "%s" request_bytes=%d duration_ms=%.3f '
+                "%s backend=%s upstream_ms=%s tls=%s trace_id=%s%s\n"
                 % (
                     conn.client_ip.decode("ascii"),
-                    _stamp(now),
-                    request if ex.method else "-",
+                    clf,
+                    "%s %s %s" % (method, target, protocol) if method else "-",
                     ex.status,
                     ex.response_bytes,
                     _header(ex, b"referer"),
                     _header(ex, b"user-agent"),
                     ex.body_received,
-                    _ms(duration),
-                    route.label if route is not None else "-",
-                    (route.cluster or "-") if route is not None else "-",
-                    backend.address if backend is not None else "-",
-                    upstream_ms if upstream_ms is not None else "-",
+                    duration,
+                    route_clf,
+                    "-" if backend is None else backend.address,
+                    "-" if upstream is None else upstream,
                     tls or "-",
                     trace_id or "-",
+                    ' reason="%s"' % ex.reason.replace('"', "'") if ex.reason else "",
                 )
             )
-            if ex.reason:
-                line += ' reason="%s"' % ex.reason.replace('"', "'")
-        self._file.write(line + "\n")
+        self._file.write(line)
 
     def write_connection(
         self,
