@@ -215,7 +215,8 @@ class HTTPContext:
         if self.access_log is not None:
             self.access_log.write(self, conn, ex)
         span = ex.span
-        if span is not None:
+        if span is not None and span.sampled and self.tracer.exporter is not None:
+            # Attributes only for spans that are kept.
             self.tracer.end(span, span_attributes(self, conn, ex), _span_error(ex))
 
 

@@ -23,11 +23,32 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _UNREAD = object()
 
 
-def _header(ex, name: bytes) -> str:
+# Bytes that may appear in a JSON string or a combined-format field as they
+# are: printable ASCII but the quote and the backslash.
+_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
+def _header(ex, name: bytes) -> bytes:
     for n, v in ex.headers or ():
         if len(n) == len(name) and n.lower() == name:
-            return v.decode("latin-1")
-    return "-"
+            return v
+    return b"-"
+
+
+def _json_bytes(value: bytes) -> bytes:
+    """Request bytes as a JSON string (bytes beyond ASCII read as Latin-1)."""
+    if not value.translate(None, _PLAIN):
+        return b'"%s"' % (value,)
+    return _json_str(value.decode("latin-1")).encode("utf-8")
+
+
+def _clf_bytes(value: bytes) -> bytes:
+    """Request bytes for a quoted combined-format field: \\xHH for the unusual ones."""
+    if not value.translate(None, _PLAIN):
+        return value
+    return b"".join(
+        bytes((c,)) if c in _PLAIN else b"\\x%02x" % c for c in value
+    )
 
 
 def protocol_version(conn, ex) -> str:
@@ -108,9 +129,10 @@ class AccessLog:
         self.format = fmt
         self._clock = clock
         self._second = -1
-        self._iso_prefix = self._clf = ""
+        self._iso_prefix = self._clf = b""
         # Per route object: its JSON and combined fragments.
         self._routes: dict = {}
+        self._names: dict[str, bytes] = {}
         self._file = self._open()
         self._flusher = LoopingCall(self.flush)
         self._flusher.clock = reactor
@@ -118,19 +140,19 @@ class AccessLog:
 
     def _open(self):
         if self.path == "-":
-            return sys.stdout
-        return open(self.path, "a", encoding="utf-8", buffering=1 << 16)
+            return sys.stdout.buffer
+        return open(self.path, "ab", buffering=1 << 16)
 
-    def _stamps(self, now: float) -> tuple[str, str]:
+    def _stamps(self, now: float) -> tuple[bytes, bytes]:
         """The ISO 8601 and combined-format times of second C{now}, cached per second."""
         second = int(now)
         if second != self._second:
             self._second = second
             t = time.gmtime(second)
-            self._iso_prefix = "%04d-%02d-%02dT%02d:%02d:%02d" % t[:6]
-            self._clf = "%02d/%s/%04d:%02d:%02d:%02d +0000" % (
+            self._iso_prefix = b"%04d-%02d-%02dT%02d:%02d:%02d" % t[:6]
+            self._clf = b"%02d/%s/%04d:%02d:%02d:%02d +0000" % (
                 t.tm_mday,
-                _MONTHS[t.tm_mon - 1],
+                _MONTHS[t.tm_mon - 1].encode("ascii"),
                 t.tm_year,
                 t.tm_hour,
                 t.tm_min,
@@ -138,22 +160,36 @@ class AccessLog:
             )
         return self._iso_prefix, self._clf
 
-    def _route_fields(self, route) -> tuple[str, str]:
+    def _route_fields(self, route) -> tuple[bytes, bytes]:
         """C{route}'s JSON and combined fragments, computed once per route object."""
         fields = self._routes.get(route)
         if fields is None:
             if route is None:
-                fields = ('"route":null,"cluster":null', "route=- cluster=-")
+                fields = (b'"route":null,"cluster":null', b"route=- cluster=-")
             else:
                 cluster = route.cluster
                 fields = (
-                    '"route":%s,"cluster":%s'
-                    % (_json_str(route.label), "null" if cluster is None else _json_str(cluster)),
-                    "route=%s cluster=%s" % (route.label, cluster or "-"),
+                    (
+                        '"route":%s,"cluster":%s'
+                        % (
+                            _json_str(route.label),
+                            "null" if cluster is None else _json_str(cluster),
+                        )
+                    ).encode("utf-8"),
+                    ("route=%s cluster=%s" % (route.label, cluster or "-")).encode("utf-8"),
                 )
             if len(self._routes) < 4096:
                 self._routes[route] = fields
         return fields
+
+    def _name(self, name: str) -> bytes:
+        """A listener or backend name as a JSON string, cached."""
+        encoded = self._names.get(name)
+        if encoded is None:
+            encoded = _json_str(name).encode("utf-8")
+            if len(self._names) < 4096:
+                self._names[name] = encoded
+        return encoded
 
     def write(self, ctx, conn, ex) -> None:
         """Write the line of one HTTP exchange."""
@@ -163,69 +199,78 @@ class AccessLog:
         duration = (ctx.reactor.seconds() - started) * 1000 if started else 0.0
         backend = ex.backend
         upstream = (
-            "%.3f" % ((ex.t_head - ex.t_sent) * 1000) if ex.t_head and backend is not None else None
+            b"%.3f" % ((ex.t_head - ex.t_sent) * 1000) if ex.t_head and backend is not None else None
         )
         span = ex.span
-        trace_id = None if span is None else span.trace_id.decode("ascii")
+        trace_id = None if span is None else span.trace_id
         holder = getattr(conn, "conn", conn)
         tls = getattr(holder, "tls_version", _UNREAD)
         if tls is _UNREAD:
             tls = tls_version(conn)
         if getattr(conn, "http2", False):
-            protocol = "HTTP/2.0"
+            protocol = b"HTTP/2.0"
         else:
-            protocol = "HTTP/1.1" if ex.http11 else "HTTP/1.0"
+            protocol = b"HTTP/1.1" if ex.http11 else b"HTTP/1.0"
         route_json, route_clf = self._route_fields(ex.route)
-        method = ex.method.decode("latin-1")
-        target = ex.target.decode("latin-1")
+        method = ex.method
         if self.format == "json":
+            target = ex.target
+            if target.translate(None, _PLAIN):
+                target = _json_bytes(target)
+                path = _json_bytes(ex.path)
+            else:
+                # The path is a prefix of the target: plain too.
+                target = b'"%s"' % (target,)
+                path = b'"%s"' % (ex.path,)
             line = (
-                '{"time":"%s.%03dZ","listener":%s,"client":"%s","method":%s,"host":%s,'
-                '"target":%s,"path":%s,"protocol":"%s","status":%d,"request_bytes":%d,'
-                '"response_bytes":%d,"duration_ms":%.3f,%s,"backend":%s,'
-                '"upstream_duration_ms":%s,"tls_version":%s,"trace_id":%s,"reason":%s}\n'
+                b'{"time":"%s.%03dZ","listener":%s,"client":"%s","method":%s,"host":%s,'
+                b'"target":%s,"path":%s,"protocol":"%s","status":%d,"request_bytes":%d,'
+                b'"response_bytes":%d,"duration_ms":%.3f,%s,"backend":%s,'
+                b'"upstream_duration_ms":%s,"tls_version":%s,"trace_id":%s,"reason":%s}\n'
                 % (
                     iso,
                     int(now * 1000) % 1000,
-                    _json_str(ctx.name),
-                    conn.client_ip.decode("ascii"),
-                    _json_str(method),
-                    _json_str(ex.host.decode("latin-1")),
-                    _json_str(target),
-                    _json_str(ex.path.decode("latin-1")),
+                    self._name(ctx.name),
+                    conn.client_ip,
+                    _json_bytes(method),
+                    _json_bytes(ex.host),
+                    target,
+                    path,
                     protocol,
                     ex.status,
                     ex.body_received,
                     ex.response_bytes,
                     duration,
                     route_json,
-                    "null" if backend is None else _json_str(backend.address),
-                    "null" if upstream is None else upstream,
-                    "null" if tls is None else '"%s"' % (tls,),
-                    "null" if trace_id is None else '"%s"' % (trace_id,),
-                    _json_str(ex.reason) if ex.reason else "null",
+                    b"null" if backend is None else self._name(backend.address),
+                    b"null" if upstream is None else upstream,
+                    b"null" if tls is None else b'"%s"' % (tls.encode("ascii"),),
+                    b"null" if trace_id is None else b'"%s"' % (trace_id,),
+                    _json_str(ex.reason).encode("utf-8") if ex.reason else b"null",
                 )
             )
         else:
             line = (
-                '%s - - [%s] "%s" %d %d "%s" "%s" request_bytes=%d duration_ms=%.3f '
-                "%s backend=%s upstream_ms=%s tls=%s trace_id=%s%s\n"
+                b'%s - - [%s] "%s" %d %d "%s" "%s" request_bytes=%d duration_ms=%.3f '
+                b"%s backend=%s upstream_ms=%s tls=%s trace_id=%s%s\n"
                 % (
-                    conn.client_ip.decode("ascii"),
+                    conn.client_ip,
                     clf,
-                    "%s %s %s" % (method, target, protocol) if method else "-",
+                    b"%s %s %s" % (method, _clf_bytes(ex.target), protocol) if method else b"-",
                     ex.status,
                     ex.response_bytes,
-                    _header(ex, b"referer"),
-                    _header(ex, b"user-agent"),
+                    _clf_bytes(_header(ex, b"referer")),
+                    _clf_bytes(_header(ex, b"user-agent")),
                     ex.body_received,
                     duration,
                     route_clf,
-                    "-" if backend is None else backend.address,
-                    "-" if upstream is None else upstream,
-                    tls or "-",
-                    trace_id or "-",
-                    ' reason="%s"' % ex.reason.replace('"', "'") if ex.reason else "",
+                    b"-" if backend is None else backend.address.encode("utf-8"),
+                    b"-" if upstream is None else upstream,
+                    b"-" if tls is None else tls.encode("ascii"),
+                    trace_id or b"-",
+                    b' reason="%s"' % ex.reason.replace('"', "'").encode("utf-8")
+                    if ex.reason
+                    else b"",
                 )
             )
         self._file.write(line)
@@ -280,7 +325,7 @@ class AccessLog:
             )
             if reason:
                 line += ' reason="%s"' % reason.replace('"', "'")
-        self._file.write(line + "\n")
+        self._file.write(line.encode("utf-8") + b"\n")
 
     def flush(self) -> None:
         """Push buffered lines to the file."""
@@ -294,7 +339,7 @@ class AccessLog:
         Flush, close and open the file again by its path (after logrotate
         renamed it: new lines go to a new file of that name).
         """
-        if self._file is sys.stdout:
+        if self.path == "-":
             return
         self.flush()
         old = self._file
@@ -311,5 +356,5 @@ class AccessLog:
         if self._flusher.running:
             self._flusher.stop()
         self.flush()
-        if self._file is not sys.stdout:
+        if self.path != "-":
             self._file.close()

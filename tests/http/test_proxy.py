@@ -804,3 +804,22 @@ class AccessLogTests(SynchronousTestCase):
         self.assertIn('reason="malformed request', lines[0])
         self.assertIn('"GET /healthz HTTP/1.1" 200', lines[1])
         self.assertIn('"test/1"', lines[1])
+
+
+class AccessLogEscapingTests(SynchronousTestCase):
+    """Request bytes cannot break a log line."""
+
+    def test_json(self):
+        """Quotes, backslashes, control and non-ASCII bytes become a valid JSON string."""
+        from balance.observe.accesslog import _json_bytes
+
+        self.assertEqual(_json_bytes(b"/plain?a=1"), b'"/plain?a=1"')
+        value = b'/a"b\\c\x01\xe9'
+        self.assertEqual(json.loads(_json_bytes(value)), value.decode("latin-1"))
+
+    def test_combined(self):
+        """In the combined format they are written as \\xHH."""
+        from balance.observe.accesslog import _clf_bytes
+
+        self.assertEqual(_clf_bytes(b"curl/8"), b"curl/8")
+        self.assertEqual(_clf_bytes(b'a"b\\\n\xe9'), b"a\\x22b\\x5c\\x0a\\xe9")
