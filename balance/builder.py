@@ -58,6 +58,12 @@ class Builder:
                 backend.drained = old.drained
                 backend.healthy = old.healthy
         root.pools.watch(cluster)
+        metrics = root.metrics
+
+        def connect_failed(backend) -> None:
+            metrics.backend(config.name, backend.address).connect_failures += 1
+
+        cluster.on_connect_failure = connect_failed
         service = ClusterService(cluster, self._reactor, on_check=root._health_checked(config.name))
         service.setServiceParent(root.cluster_services)
         return cluster
@@ -126,6 +132,11 @@ class Builder:
             tls = root.tls[listener.name] = ServerTLS(
                 listener, reactor, http2=listener.protocol == "http"
             )
+            # Its handshake counts are balance_tls_handshakes_total.
+            handshakes = root.metrics.listener(listener.name).tls_handshakes
+            for result, n in tls.handshakes.items():
+                handshakes[result] = handshakes.get(result, 0) + n
+            tls.handshakes = handshakes
             tls.setServiceParent(root.listeners)
             factory = wrap_tls(tls, factory, reactor)
         svc = ListenerService(listener.listen, factory, reactor, root.config.drain_timeout)

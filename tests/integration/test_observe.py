@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from tests.helpers import free_port, need_tool, wait_for
+from tests.helpers import closed_port, free_port, need_tool, wait_for
 from tests.integration import twistd
 from tests.integration.test_http_proxy import BalanceTestCase
 from tests.integration.test_redis import RedisServer
@@ -183,6 +183,45 @@ class PerClientLimitTests(BalanceTestCase):
         await self.check_refused(port, lambda: factory.active)
         stats = self.service.metrics.stats()["listeners"]["web"]
         self.assertEqual(stats["connections_total"], 2)
+
+
+class TCPMetricsTests(BalanceTestCase):
+    """A tcp listener's connections, bytes and backend connect failures on /metrics."""
+
+    async def test_metrics(self):
+        """Bytes both ways and connections are counted; a refused backend is a connect failure."""
+        upstream = self.whoami()
+        dead = closed_port()
+        self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                protocol: tcp
+                cluster: app
+            clusters:
+              - {{name: app, lb: round_robin,
+                  backends: ["127.0.0.1:{dead}", "127.0.0.1:{upstream}"]}}
+            """
+        )
+        port = self.service.listeners.getServiceNamed("web").port.getHost().port
+        for _ in range(2):
+            self.assertEqual(await threads.deferToThread(tcp_echo, port, b"hello"), b"hello")
+        factory = self.service.listeners.getServiceNamed("web").factory
+        await wait_for(lambda: factory.active == 0, 10, "connections closed")
+        text = self.service.metrics.render().decode()
+        for sample in (
+            'balance_listener_connections_total{listener="web"} 2.0',
+            'balance_listener_active_connections{listener="web"} 0.0',
+            'balance_bytes_received_total{listener="web"} 10.0',
+            'balance_bytes_sent_total{listener="web"} 10.0',
+        ):
+            self.assertIn(sample, text)
+        # Each connection may try the refused backend first.
+        self.assertRegex(
+            text,
+            rf'balance_upstream_connect_failures_total{{backend="127.0.0.1:{dead}",cluster="app"}} [12]\.0',
+        )
 
 
 def _read_all(sock: socket.socket) -> bytes:

@@ -395,3 +395,7 @@ class AccessLogTests(BalanceTLSTestCase):
             [(line["tls_version"], line["protocol"], line["status"]) for line in lines],
             [("TLSv1.2", "HTTP/1.1", 200), ("TLSv1.3", "HTTP/2.0", 200)],
         )
+        self.assertIn(
+            'balance_tls_handshakes_total{listener="web",result="success"} 2.0',
+            root.metrics.render().decode(),
+        )
