@@ -132,7 +132,8 @@ class AccessLog:
         self._iso_prefix = self._clf = b""
         # Per route object: its JSON and combined fragments.
         self._routes: dict = {}
-        self._names: dict[str, bytes] = {}
+        # JSON strings of listener and backend names and of methods.
+        self._names: dict = {}
         self._file = self._open()
         self._flusher = LoopingCall(self.flush)
         self._flusher.clock = reactor
@@ -191,10 +192,21 @@ class AccessLog:
                 self._names[name] = encoded
         return encoded
 
+    def _method(self, method: bytes) -> bytes:
+        """A request method as a JSON string, cached (methods are few)."""
+        encoded = _json_bytes(method)
+        if len(self._names) < 4096:
+            self._names[method] = encoded
+        return encoded
+
     def write(self, ctx, conn, ex) -> None:
         """Write the line of one HTTP exchange."""
         now = self._clock()
-        iso, clf = self._stamps(now)
+        if int(now) == self._second:
+            iso = self._iso_prefix
+            clf = self._clf
+        else:
+            iso, clf = self._stamps(now)
         started = ex.started
         duration = (ctx.reactor.seconds() - started) * 1000 if started else 0.0
         backend = ex.backend
@@ -211,7 +223,9 @@ class AccessLog:
             protocol = b"HTTP/2.0"
         else:
             protocol = b"HTTP/1.1" if ex.http11 else b"HTTP/1.0"
-        route_json, route_clf = self._route_fields(ex.route)
+        route = ex.route
+        fields = self._routes.get(route)
+        route_json, route_clf = fields if fields is not None else self._route_fields(route)
         method = ex.method
         if self.format == "json":
             target = ex.target
@@ -230,9 +244,9 @@ class AccessLog:
                 % (
                     iso,
                     int(now * 1000) % 1000,
-                    self._name(ctx.name),
+                    self._names.get(ctx.name) or self._name(ctx.name),
                     conn.client_ip,
-                    _json_bytes(method),
+                    self._names.get(method) or self._method(method),
                     _json_bytes(ex.host),
                     target,
                     path,
@@ -242,7 +256,9 @@ class AccessLog:
                     ex.response_bytes,
                     duration,
                     route_json,
-                    b"null" if backend is None else self._name(backend.address),
+                    b"null"
+                    if backend is None
+                    else self._names.get(backend.address) or self._name(backend.address),
                     b"null" if upstream is None else upstream,
                     b"null" if tls is None else b'"%s"' % (tls.encode("ascii"),),
                     b"null" if trace_id is None else b'"%s"' % (trace_id,),
