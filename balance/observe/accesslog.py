@@ -2,9 +2,9 @@
 Access logs: one line per request (per connection on tcp listeners), JSON
 or the combined log format.
 
-Lines are written to a buffered file object and flushed once a second (and
-on stop), so that logging costs a formatting call per request and no
-system call.  L{AccessLog.reopen} (SIGUSR1) closes and reopens the file,
+Lines are held in a list and written together once a second (or every
+4096 lines, and on stop and reopen), so that logging costs a formatting
+call per request and about one system call per second.  L{AccessLog.reopen} (SIGUSR1) closes and reopens the file,
 for logrotate's rename-then-signal.
 """
 
@@ -21,6 +21,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _UNREAD = object()
+# Lines held in memory at most between flushes (about 2 MB).
+_MAX_HELD = 4096
 
 
 # Bytes that may appear in a JSON string or a combined-format field as they
@@ -134,6 +136,8 @@ class AccessLog:
         self._routes: dict = {}
         # JSON strings of listener and backend names and of methods.
         self._names: dict = {}
+        # Lines not yet written: flushed once a second, or at _MAX_HELD.
+        self._lines: list[bytes] = []
         self._file = self._open()
         self._flusher = LoopingCall(self.flush)
         self._flusher.clock = reactor
@@ -289,7 +293,10 @@ class AccessLog:
                     else b"",
                 )
             )
-        self._file.write(line)
+        lines = self._lines
+        lines.append(line)
+        if len(lines) >= _MAX_HELD:
+            self.flush()
 
     def write_connection(
         self,
@@ -341,11 +348,21 @@ class AccessLog:
             )
             if reason:
                 line += ' reason="%s"' % reason.replace('"', "'")
-        self._file.write(line.encode("utf-8") + b"\n")
+        self._lines.append(line.encode("utf-8") + b"\n")
+        if len(self._lines) >= _MAX_HELD:
+            self.flush()
 
     def flush(self) -> None:
-        """Push buffered lines to the file."""
+        """Write the lines held so far to the file, in one system call."""
+        lines = self._lines
+        if lines:
+            self._lines = []
+            data = b"".join(lines)
+        else:
+            data = b""
         try:
+            if data:
+                self._file.write(data)
             self._file.flush()
         except OSError as e:
             self._log.error("cannot write access log {path}: {error}", path=self.path, error=e)
