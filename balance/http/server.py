@@ -258,7 +258,10 @@ def span_attributes(ctx: HTTPContext, conn, ex) -> dict:
         attributes["balance.reason"] = ex.reason
     tls = tls_version(conn)
     if tls is not None:
-        attributes["tls.protocol.version"] = tls
+        # "TLSv1.3" -> name "tls", version "1.3", as the conventions say.
+        name, _, version = tls.partition("v")
+        attributes["tls.protocol.name"] = name.lower()
+        attributes["tls.protocol.version"] = version
     return attributes
 
 

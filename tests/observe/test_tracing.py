@@ -440,3 +440,37 @@ class CollectorDownTests(SynchronousTestCase):
         exporter.add((Span(TRACE, b"1" * 16, b"", True, None, 1.0), 2.0, {}, None))
         self.successResultOf(exporter.stop())
         self.assertEqual(exporter.failed, 1)
+
+
+class AttributesTests(SynchronousTestCase):
+    """Span attributes from an exchange, in memory."""
+
+    def test_tls_and_host(self):
+        """TLS name and version split; the Host's port (and IPv6 brackets) dropped."""
+        from balance.testing import InMemoryProxy
+
+        proxy = InMemoryProxy(
+            """
+            listeners:
+              - name: web
+                listen: "tcp:8080"
+                routes: [{match: {path_regex: "/r/.*"}, direct_response: {status: 503}}]
+            """.replace("\n            ", "\n")
+        )
+        spans = []
+
+        class Exporter:
+            add = spans.append
+
+        proxy.context.tracer = Tracer(1.0, Exporter())
+        client = proxy.client()
+        conn = proxy.context.connections.copy().pop()
+        conn.tls_version = "TLSv1.3"
+        client.send(b"GET /r/1 HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n")
+        proxy.run()
+        [(span, _, attributes, error)] = spans
+        self.assertEqual(attributes["tls.protocol.name"], "tls")
+        self.assertEqual(attributes["tls.protocol.version"], "1.3")
+        self.assertEqual(attributes["server.address"], "::1")
+        self.assertEqual(attributes["http.route"], "/r/.*")
+        self.assertEqual(error, "status 503")
