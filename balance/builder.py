@@ -62,6 +62,12 @@ class Builder:
                 backend.drained = old.drained
                 backend.healthy = old.healthy
         root.pools.watch(cluster)
+        metrics = root.metrics
+
+        def connect_failed(backend) -> None:
+            metrics.backend(config.name, backend.address).connect_failures += 1
+
+        cluster.on_connect_failure = connect_failed
         service = ClusterService(cluster, self._reactor, on_check=root._health_checked(config.name))
         service.setServiceParent(root.cluster_services)
         return cluster
@@ -74,21 +80,27 @@ class Builder:
 
     # -- listeners -------------------------------------------------------------
 
+    def access_log(self, root, listener: model.Listener, previous=None, previous_config=None):
+        """
+        The access log of C{listener}: C{previous} when its settings did
+        not change, else a new one (or L{None} when it has none).
+        """
+        if listener.access_log is None:
+            return None
+        if previous is not None and previous_config == listener.access_log:
+            return previous
+        access_log = AccessLog(listener.access_log.path, listener.access_log.format, self._reactor)
+        root.access_logs.append(access_log)
+        return access_log
+
     def context(self, root, listener: model.Listener, previous: HTTPContext | None = None):
         """The L{HTTPContext} of an http listener."""
-        access_log = None
-        if listener.access_log is not None:
-            if (
-                previous is not None
-                and previous.access_log is not None
-                and previous.listener.access_log == listener.access_log
-            ):
-                access_log = previous.access_log
-            else:
-                access_log = AccessLog(
-                    listener.access_log.path, listener.access_log.format, self._reactor
-                )
-                root.access_logs.append(access_log)
+        access_log = self.access_log(
+            root,
+            listener,
+            previous.access_log if previous is not None else None,
+            previous.listener.access_log if previous is not None else None,
+        )
         return HTTPContext(
             listener,
             root.clusters,
@@ -97,6 +109,7 @@ class Builder:
             access_log,
             metrics=root.metrics,
             rate_limit_store=root.rate_limit_store,
+            tracer=root.tracer,
         )
 
     def listener(
@@ -124,7 +137,13 @@ class Builder:
         if listener.protocol == "http":
             factory = HTTPFactory(self.context(root, listener))
         else:
-            factory = L4ProxyFactory(listener, root.clusters, reactor)
+            factory = L4ProxyFactory(
+                listener,
+                root.clusters,
+                reactor,
+                metrics=root.metrics.listener(listener.name),
+                access_log=self.access_log(root, listener),
+            )
         tls = None
         if listener.tls is not None:
             # Beside its listener, before it: the listener stops (and drains)
@@ -132,6 +151,11 @@ class Builder:
             tls = root.tls[listener.name] = ServerTLS(
                 listener, reactor, http2=listener.protocol == "http"
             )
+            # Its handshake counts are balance_tls_handshakes_total.
+            handshakes = root.metrics.listener(listener.name).tls_handshakes
+            for result, n in tls.handshakes.items():
+                handshakes[result] = handshakes.get(result, 0) + n
+            tls.handshakes = handshakes
             tls.setServiceParent(root.listeners)
             factory = wrap_tls(tls, factory, reactor)
         if listener.proxy_protocol:
@@ -155,6 +179,7 @@ class Builder:
             old = factory.context
             new = self.context(root, listener, previous=old)
             new.connections = old.connections
+            new.per_ip = old.per_ip
             new._drained = old._drained
             new.draining = old.draining
             for conn in old.connections:
@@ -166,7 +191,14 @@ class Builder:
                 old.access_log.close()
                 root.access_logs.remove(old.access_log)
         else:
+            old_log = factory.access_log
+            factory.access_log = self.access_log(
+                root, listener, old_log, factory.listener.access_log
+            )
             factory.reconfigure(listener)
+            if old_log is not None and old_log is not factory.access_log:
+                old_log.close()
+                root.access_logs.remove(old_log)
         tls = root.tls.get(listener.name)
         if tls is not None and listener.tls is not None:
             tls.reload(listener.tls)

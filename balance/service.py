@@ -20,6 +20,7 @@ from balance.http.pool import PoolSet
 from balance.listener import ListenerService
 from balance.observe.accesslog import AccessLog
 from balance.observe.metrics import Metrics
+from balance.observe.tracing import OTLPExporter, Tracer
 from balance.ratelimit import build_store
 from balance.reload import Reloader
 from balance.sdnotify import notify
@@ -61,6 +62,8 @@ class BalanceService(MultiService):
         self.metrics = Metrics()
         self.metrics.add_backend_source(self._backend_states)
         self.rate_limit_store = build_store(config.rate_limit_store, reactor)
+        self.tracer, self.span_exporter = build_tracer(config.tracing, reactor)
+        self.metrics.span_exporter = self.span_exporter
         self.tls: dict[str, ServerTLS] = {}
         self.ready = False
         self.draining = False
@@ -100,6 +103,12 @@ class BalanceService(MultiService):
 
         return checked
 
+    def reopen_logs(self) -> None:
+        """Reopen the access log files (SIGUSR1, after logrotate renamed them)."""
+        for access_log in self.access_logs:
+            access_log.reopen()
+        self.log.info("access logs reopened")
+
     def startService(self):
         # Everything built so far (modules, config, clusters) lives as long
         # as the process: move it out of the cyclic collector's sight, so
@@ -114,6 +123,8 @@ class BalanceService(MultiService):
             clusters=len(self.config.clusters),
         )
         super().startService()
+        if self.span_exporter is not None:
+            self.span_exporter.start()
         # Listeners bind synchronously in startService, but twistd calls it
         # before the reactor runs: say READY once it does, after the signal
         # handlers (installed from an earlier callWhenRunning) are in place.
@@ -137,6 +148,14 @@ class BalanceService(MultiService):
         self.pools.close_idle()
         for access_log in self.access_logs:
             access_log.close()
+        if self.span_exporter is not None:
+            # The spans of the drained requests, within a bound: a collector
+            # that does not answer must not hold the exit up.
+            yield (
+                self.span_exporter.stop()
+                .addTimeout(5, self._reactor)
+                .addErrback(lambda f: self.log.warn("spans not exported at stop: {e}", e=f.value))
+            )
         if self.upstreams.running:
             yield self.upstreams.stopService()
         if self.admin is not None and self.admin.running:
@@ -144,6 +163,22 @@ class BalanceService(MultiService):
             yield self.admin.stopService()
         super(MultiService, self).stopService()
         self.log.info("Balance stopped")
+
+
+def build_tracer(config: model.Tracing | None, reactor):
+    """
+    The tracer and the span exporter of a C{tracing} section.
+
+    :return: C{(tracer, exporter)}; C{(None, None)} when tracing is off;
+        the exporter is L{None} without C{otlp_endpoint} (trace context is
+        propagated, spans are not kept).
+    """
+    if config is None:
+        return None, None
+    exporter = None
+    if config.otlp_endpoint is not None:
+        exporter = OTLPExporter(config.otlp_endpoint, config.service_name, reactor)
+    return Tracer(config.sample_ratio, exporter), exporter
 
 
 def build(config: model.Config, reactor, worker=None) -> BalanceService:

@@ -112,8 +112,8 @@ def diff_against(new, old: str) -> dict:
 
 def _install_signal_handlers(reactor, root) -> None:
     """
-    Make SIGTERM and SIGINT a graceful stop that exits 0, and SIGHUP a
-    config reload.
+    Make SIGTERM and SIGINT a graceful stop that exits 0, SIGHUP a
+    config reload, and SIGUSR1 reopen the access logs (logrotate).
 
     twistd's own handlers stop the reactor too, but then re-raise the
     signal at exit, so the process status says "killed by SIGTERM" even
@@ -126,9 +126,13 @@ def _install_signal_handlers(reactor, root) -> None:
     def reload(signum, frame):
         reactor.callFromThread(_reload, root)
 
+    def reopen(signum, frame):
+        reactor.callFromThread(root.reopen_logs)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
+    signal.signal(signal.SIGUSR1, reopen)
 
 
 def _reload(root) -> None:

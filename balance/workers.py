@@ -331,6 +331,11 @@ class WorkerGroup(MultiService):
             self.config = new
         return {"ok": True, "dry_run": dry_run, "errors": [], "changes": changes}
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: every worker reopens the access logs it writes."""
+        for worker in self.workers:
+            worker.signal("USR1")
+
     # -- stopping --------------------------------------------------------------------
 
     @defer.inlineCallbacks

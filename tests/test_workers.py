@@ -221,6 +221,16 @@ class GroupTests(unittest.TestCase):
         self.assertFalse(answer["ok"])
         self.assertEqual(len(transport.signals), 2)
 
+    def test_reopen_logs(self):
+        """SIGUSR1 to the parent reaches every worker, which writes the access logs."""
+        group = self.group()
+        transport = _Transport()
+        for worker in group.workers:
+            worker.transport = transport
+            worker.pid = 1
+        group.reopen_logs()
+        self.assertEqual(transport.signals, ["USR1", "USR1"])
+
     def test_worker_args(self):
         args = parse_args(["--config", "c.yaml", "--index", "1", "--admin", "/tmp/a.sock",
                            "--socket", "web=5:inet", "--socket", "a=b=6:unix"])

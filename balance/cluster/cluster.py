@@ -167,6 +167,9 @@ class Cluster:
         self.panic = PanicMonitor(cluster.name, cluster.panic_threshold)
         self.health = None
         self.measures_latency = cluster.lb in lb.LATENCY_POLICIES
+        # Called with the backend of each failed attempt of connect() (the
+        # tcp listeners' path), for balance_upstream_connect_failures_total.
+        self.on_connect_failure = None
         # Backend TLS (the cluster's tls:), loaded once; every backend's
         # endpoint then speaks TLS, verified unless verify: false.
         self.tls = None
@@ -670,7 +673,10 @@ class _Attempts:
             if backend.breaker is not None:
                 backend.breaker.release(permit)
             return
-        self._cluster.record(backend, Outcome.CONNECT_FAILURE, permit)
+        cluster = self._cluster
+        cluster.record(backend, Outcome.CONNECT_FAILURE, permit)
+        if cluster.on_connect_failure is not None:
+            cluster.on_connect_failure(backend)
         self.next(backend, reason)
 
     def _cancel(self, result: Deferred) -> None:

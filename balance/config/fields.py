@@ -81,6 +81,15 @@ def string(ctx, value, path, line, *, empty=False):
     return value
 
 
+def http_url(ctx, value, path, line):
+    """An C{http://} or C{https://} URL with a host (an OTLP collector)."""
+    if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+        return ctx.error(
+            line, path, f'expected a URL such as "http://127.0.0.1:4318", got {describe(value)}'
+        )
+    return value
+
+
 def name(ctx, value, path, line):
     if not isinstance(value, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", value):
         return ctx.error(

@@ -28,6 +28,7 @@ from balance.config.fields import (
     duration,
     file_path,
     header_name,
+    http_url,
     integer,
     join,
     list_of,
@@ -461,7 +462,7 @@ _top = section(
                 {
                     "service_name": string,
                     "sample_ratio": number(minimum=0.0, maximum=1.0),
-                    "otlp_endpoint": nullable(string),
+                    "otlp_endpoint": nullable(http_url),
                 },
                 build=model.Tracing,
             )
@@ -687,9 +688,7 @@ def _unsupported_checks(ctx, raw, config: model.Config):
             for i, li in enumerate(config.listeners)
             for j, route in enumerate(li.routes)
         ],
-        "clusters": [
-            (f"clusters[{i}]", ("clusters", i), c) for i, c in enumerate(config.clusters)
-        ],
+        "clusters": [(f"clusters[{i}]", ("clusters", i), c) for i, c in enumerate(config.clusters)],
         "": [("", (), config)],
     }
     for keys, test, what in _UNSUPPORTED:
@@ -706,16 +705,6 @@ def _unsupported_checks(ctx, raw, config: model.Config):
 
 
 unsupported(
-    ("listeners", "access_log"),
-    lambda li: li.access_log is not None and li.protocol == "tcp",
-    "access_log on a tcp listener",
-)
-unsupported(
-    ("listeners", "limits", "max_connections_per_ip"),
-    lambda li: li.limits.max_connections_per_ip is not None,
-    "max_connections_per_ip",
-)
-unsupported(
     ("clusters", "send_proxy_protocol"),
     lambda c: c.send_proxy_protocol is not None and c.tls is not None,
     "send_proxy_protocol together with cluster tls",
@@ -723,7 +712,6 @@ unsupported(
 unsupported(
     ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
 )
-unsupported(("", "tracing"), lambda c: c.tracing is not None, "tracing")
 
 
 def _websocket_checks(ctx, raw, config: model.Config):

@@ -64,6 +64,9 @@ class DownstreamConnection(Protocol):
         reading from the client.
     """
 
+    #: An HTTP/1.x connection (an HTTP/2 stream says True).
+    http2 = False
+
     def __init__(self, ctx):
         self.ctx = ctx
         self.client_ip = b""

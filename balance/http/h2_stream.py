@@ -89,6 +89,8 @@ class H2Stream:
 
     #: HTTP/2 streams never ask for a connection close per response.
     draining = False
+    #: For the access log and spans (HTTP/2.0, not the HTTP/1.1 upstream).
+    http2 = True
 
     def __init__(self, conn, stream_id: int):
         self.conn = conn

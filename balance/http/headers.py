@@ -40,7 +40,12 @@ def forwarded_for(client_ip: bytes) -> bytes:
 
 
 def request_head(
-    ex, client_ip: bytes, proto: bytes, cert_header: bytes | None = None, subject: bytes | None = None
+    ex,
+    client_ip: bytes,
+    proto: bytes,
+    cert_header: bytes | None = None,
+    subject: bytes | None = None,
+    extra: bytes = b"",
 ) -> bytes:
     """
     The head Balance sends upstream for the request of C{ex}.
@@ -52,6 +57,8 @@ def request_head(
         carries the verified client certificate subject upstream; a value
         the client sent itself is dropped.
     :param subject: that subject, when the client presented a certificate.
+    :param extra: further header lines (the trace context), each ending
+        in CRLF.
     """
     route = ex.route
     remove = route.request_remove
@@ -92,6 +99,8 @@ def request_head(
     element += b";proto=" + proto
     append(b"Forwarded: " + (forwarded + b", " + element if forwarded else element) + b"\r\n")
     append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
+    if extra:
+        append(extra)
     if ex.chunked_in:
         append(b"Transfer-Encoding: " + ex.te_value + b"\r\n")
     elif ex.upgrade is not None:

@@ -33,6 +33,7 @@ from balance.http import message
 from balance.http.headers import upgrade_response_head
 from balance.http.upstream import describe_failure
 from balance.http.websocket import FrameGuard, accept_matches
+from balance.observe.tracing import strip as strip_trace_headers
 from balance.ratelimit.limiter import Decision
 
 _CHUNK_END = b"\r\n"
@@ -188,6 +189,8 @@ class Exchange:
         "permit",
         "rs",
         "t_sent",
+        "t_head",
+        "span",
         "_slot",
         "_counted",
         "proxy_header",
@@ -238,6 +241,10 @@ class Exchange:
         # The retry state (_Tries), for routes with retry: only.
         self.rs = None
         self.t_sent = 0.0
+        # When the response head of the last try arrived (access log).
+        self.t_head = 0.0
+        # The tracing span (balance.observe.tracing), when tracing is on.
+        self.span = None
         # Holding a request slot of the cluster's breakers (until _end).
         self._slot = False
         # The try in flight counts in backend.active (until _end_try).
@@ -259,6 +266,12 @@ class Exchange:
             self.fail(403, "client address denied by the listener")
             return
         ctx = down.ctx
+        tracer = ctx.tracer
+        if tracer is not None:
+            self.span = span = tracer.begin(self.headers)
+            if span.carried:
+                # Replaced by the span's own headers upstream.
+                self.headers = strip_trace_headers(self.headers)
         if ctx.cert_header is not None:
             # mTLS: routes see the verified client subject under the
             # listener's client_cert_header, never a value the client sent.
@@ -593,8 +606,9 @@ class Exchange:
         """Write the request head and what we hold of the body to C{conn}."""
         self.upstream = conn
         conn.attach(self, self.method == b"HEAD")
-        if self.cluster.measures_latency:
-            self.t_sent = self.downstream.ctx.reactor.seconds()
+        ctx = self.downstream.ctx
+        if self.cluster.measures_latency or ctx.access_log is not None or ctx.tracer is not None:
+            self.t_sent = ctx.reactor.seconds()
         conn.write(self.downstream.ctx.request_head(self))
         if self.body:
             for chunk in self.body:
@@ -700,8 +714,11 @@ class Exchange:
             # Else the breaker would change nothing: skip the calls.
             cluster.record(backend, outcome, permit)
         self.permit = _DENIED
-        if cluster.measures_latency:
-            cluster.observe(backend, down.ctx.reactor.seconds() - self.t_sent)
+        ctx = down.ctx
+        if cluster.measures_latency or ctx.access_log is not None or ctx.tracer is not None:
+            self.t_head = now = ctx.reactor.seconds()
+            if cluster.measures_latency:
+                cluster.observe(backend, now - self.t_sent)
         self.status = status
         if status == 101:
             # Answered once the parser stops at the end of this head and

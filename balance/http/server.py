@@ -17,6 +17,7 @@ from balance.http import headers
 from balance.http.h1 import DownstreamConnection
 from balance.http.router import Router
 from balance.http.sniff import HTTPProtocols
+from balance.observe.accesslog import protocol_version, tls_version
 from balance.observe.metrics import NO_ROUTE, Metrics
 from balance.proxyproto import client_address, encode, server_address
 from balance.ratelimit import build_store
@@ -71,6 +72,7 @@ class HTTPContext:
         access_log=None,
         metrics: Metrics | None = None,
         rate_limit_store=None,
+        tracer=None,
     ):
         self.listener = listener
         self.name = listener.name
@@ -127,7 +129,13 @@ class HTTPContext:
             else None
         )
         self.access_log = access_log
+        # A balance.observe.tracing.Tracer, or None: tracing is off.
+        self.tracer = tracer
         self.connections: set[DownstreamConnection] = set()
+        # Open connections by client address (bytes), for
+        # limits.max_connections_per_ip; kept across reloads.
+        self.per_ip: dict[bytes, int] = {}
+        self.max_per_ip = listener.limits.max_connections_per_ip
         self.draining = False
         self._drained: list[Deferred] = []
 
@@ -149,10 +157,18 @@ class HTTPContext:
     def request_head(self, ex) -> bytes:
         """The request head for the backend; see L{headers.request_head}."""
         down = ex.downstream
+        span = ex.span
         if self.cert_header is None:
-            return headers.request_head(ex, down.client_ip, self.proto)
+            if span is None:
+                return headers.request_head(ex, down.client_ip, self.proto)
+            return headers.request_head(ex, down.client_ip, self.proto, None, None, span.headers())
         return headers.request_head(
-            ex, down.client_ip, self.proto, self.cert_header, client_subject(down)
+            ex,
+            down.client_ip,
+            self.proto,
+            self.cert_header,
+            client_subject(down),
+            b"" if span is None else span.headers(),
         )
 
     def proxy_header(self, down, version: str) -> bytes:
@@ -185,6 +201,8 @@ class HTTPContext:
 
     def connection_made(self, conn: DownstreamConnection) -> None:
         self.connections.add(conn)
+        ip = conn.client_ip
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         lm = self.listener_metrics
         lm.connections_total += 1
         lm.active += 1
@@ -201,6 +219,13 @@ class HTTPContext:
             # Pooled connections that began with this client's PROXY
             # header can serve no one else.
             self.pools.close_private(made.values())
+        per_ip = self.per_ip
+        ip = conn.client_ip
+        n = per_ip.get(ip, 0)
+        if n > 1:
+            per_ip[ip] = n - 1
+        else:
+            per_ip.pop(ip, None)
         self.listener_metrics.active -= 1
         if not self.connections and self._drained:
             waiting, self._drained = self._drained, []
@@ -224,14 +249,84 @@ class HTTPContext:
         )
         if self.access_log is not None:
             self.access_log.write(self, conn, ex)
+        span = ex.span
+        if span is not None and span.sampled and self.tracer.exporter is not None:
+            # Attributes only for spans that are kept.
+            self.tracer.end(span, span_attributes(self, conn, ex), _span_error(ex))
+
+
+def span_attributes(ctx: HTTPContext, conn, ex) -> dict:
+    """
+    The attributes of the server span of C{ex}, after the OpenTelemetry
+    HTTP semantic conventions, plus Balance's route, cluster and backend.
+    """
+    host = ex.host.decode("latin-1")
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif ":" in host:
+        host = host.rpartition(":")[0]
+    attributes = {
+        "http.request.method": ex.method.decode("latin-1"),
+        "url.path": ex.path.decode("latin-1"),
+        "url.scheme": ctx.proto.decode("ascii"),
+        "http.response.status_code": ex.status,
+        "server.address": host,
+        "client.address": conn.client_ip.decode("ascii"),
+        "network.protocol.name": "http",
+        "network.protocol.version": protocol_version(conn, ex),
+        "balance.listener": ctx.name,
+        "http.request.body.size": ex.body_received,
+        "http.response.body.size": ex.response_bytes,
+    }
+    route = ex.route
+    if route is not None:
+        attributes["http.route"] = route_template(route)
+        attributes["balance.route"] = route.label
+        if route.cluster is not None:
+            attributes["balance.cluster"] = route.cluster
+    backend = ex.backend
+    if backend is not None:
+        attributes["balance.upstream.address"] = backend.address
+        if ex.t_head:
+            attributes["balance.upstream.duration_ms"] = round((ex.t_head - ex.t_sent) * 1000, 3)
+    if ex.reason:
+        attributes["balance.reason"] = ex.reason
+    tls = tls_version(conn)
+    if tls is not None:
+        # "TLSv1.3" -> name "tls", version "1.3", as the conventions say.
+        name, _, version = tls.partition("v")
+        attributes["tls.protocol.name"] = name.lower()
+        attributes["tls.protocol.version"] = version
+    return attributes
+
+
+def route_template(route) -> str:
+    """C{http.route}: the matched path pattern, or the route's label when it matches no path."""
+    match = route.config.match
+    if match is not None:
+        if match.path is not None:
+            return match.path
+        if match.path_prefix is not None:
+            return match.path_prefix + "*"
+        if match.path_regex is not None:
+            return match.path_regex
+    return route.label
+
+
+def _span_error(ex) -> str | None:
+    # Server spans are errors for 5xx only (a 4xx is the client's).
+    if ex.status >= 500:
+        return ex.reason or "status %d" % (ex.status,)
+    return None
 
 
 class HTTPFactory(ServerFactory):
     """
     The factory of an HTTP listener.
 
-    Beyond C{limits.max_connections}, new connections are closed as soon as
-    they are accepted.
+    Beyond C{limits.max_connections}, or C{limits.max_connections_per_ip}
+    from one client address, new connections are closed as soon as they
+    are accepted.
     """
 
     log = Logger()
@@ -244,8 +339,17 @@ class HTTPFactory(ServerFactory):
         self.protocols = HTTPProtocols(context)
 
     def buildProtocol(self, addr):
-        if len(self.context.connections) >= self.max_connections:
+        ctx = self.context
+        if len(ctx.connections) >= self.max_connections:
+            ctx.listener_metrics.refuse("max_connections")
             return None
+        limit = ctx.max_per_ip
+        if limit is not None:
+            host = getattr(addr, "host", None)
+            if host is not None and ctx.per_ip.get(host.encode("ascii"), 0) >= limit:
+                # Closed as soon as accepted, as beyond max_connections.
+                ctx.listener_metrics.refuse("max_connections_per_ip")
+                return None
         return self.protocols.build()
 
     @property

@@ -43,6 +43,8 @@ from balance.cluster.cluster import Cluster, NoBackendAvailable
 from balance.config import model
 from balance.interfaces import IDrainable
 from balance.l4.sni import ClientHello, ClientHelloParser, NotTLS, SNIRouter
+from balance.observe.accesslog import tls_version
+from balance.observe.metrics import ListenerMetrics
 from balance.proxyproto import client_address, encode, server_address
 
 
@@ -122,9 +124,14 @@ class L4ProxyProtocol:
         "_sniff",
         "_early",
         "_client_eof",
+        "_ip",
+        "_bytes_in",
+        "_bytes_out",
+        "_started",
+        "_reason",
     )
 
-    def __init__(self, factory: L4ProxyFactory):
+    def __init__(self, factory: L4ProxyFactory, ip: bytes = b""):
         self.transport = None
         self._factory = factory
         self._state = _State.CONNECTING
@@ -141,6 +148,13 @@ class L4ProxyProtocol:
         self._sniff: ClientHelloParser | None = None
         self._early: bytes | None = None
         self._client_eof = False
+        # For limits.max_connections_per_ip, the access log and metrics.
+        self._ip = ip
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._started = 0.0
+        # Why the connection ended, when not by its peers (access log).
+        self._reason = ""
 
     # IProtocol, for the client connection.
 
@@ -156,7 +170,7 @@ class L4ProxyProtocol:
         """
         factory = self._factory
         factory._opened(self)
-        self._last = factory._seconds()
+        self._started = self._last = factory._seconds()
         if factory.router is not None:
             self._state = _State.SNIFFING
             self._sniff = ClientHelloParser()
@@ -182,7 +196,11 @@ class L4ProxyProtocol:
 
     def dataReceived(self, data: bytes) -> None:
         """Pass bytes from the client to the backend."""
-        self._last = self._factory._seconds()
+        factory = self._factory
+        self._last = factory._seconds()
+        size = len(data)
+        self._bytes_in += size
+        factory.metrics.bytes_in += size
         up = self._up
         if up is not None:
             up.write(data)
@@ -236,6 +254,7 @@ class L4ProxyProtocol:
         server_name = decision.server_name if isinstance(decision, ClientHello) else None
         name = factory.router.route(server_name)
         if name is None:
+            self._reason = "no route for server name %s and no default cluster" % (server_name,)
             factory.log.warn(
                 "closing connection from {client} on listener {listener}: no route for "
                 "server name {server_name} and no default cluster",
@@ -288,6 +307,7 @@ class L4ProxyProtocol:
             # We cancelled it: the client went away or timed out.
             return
         factory = self._factory
+        self._reason = str(reason.value)
         if reason.check(NoBackendAvailable):
             factory.log.warn(
                 "closing connection from {client} on listener {listener}: {reason}",
@@ -304,7 +324,11 @@ class L4ProxyProtocol:
         self._close()
 
     def _upstream_data(self, data: bytes) -> None:
-        self._last = self._factory._seconds()
+        factory = self._factory
+        self._last = factory._seconds()
+        size = len(data)
+        self._bytes_out += size
+        factory.metrics.bytes_out += size
         self.transport.write(data)
 
     def _upstream_eof(self) -> None:
@@ -328,6 +352,7 @@ class L4ProxyProtocol:
 
     def abort(self) -> None:
         """Drop both sides now, with whatever they still had buffered."""
+        self._reason = self._reason or "aborted (drain timeout)"
         self._close(abort=True)
 
     def _idle_check(self) -> None:
@@ -339,6 +364,7 @@ class L4ProxyProtocol:
             self._idle_call = factory._reactor.callLater(remaining, self._idle_check)
         else:
             self._idle_call = None
+            self._reason = self._reason or "idle timeout"
             self._close(abort=True)
 
     def _close(self, abort: bool = False) -> None:
@@ -381,6 +407,7 @@ class L4ProxyProtocol:
         self._factory._closed(self)
 
     def _unexpected(self, reason: Failure) -> None:
+        self._reason = "internal error: %s" % (reason.getErrorMessage(),)
         self._factory.log.failure(
             "L4 proxy connection on listener {listener} failed",
             reason,
@@ -460,13 +487,28 @@ class L4ProxyFactory(ServerFactory):
 
     log = Logger()
 
-    def __init__(self, listener: model.Listener, clusters: Mapping[str, Cluster], reactor):
+    def __init__(
+        self,
+        listener: model.Listener,
+        clusters: Mapping[str, Cluster],
+        reactor,
+        metrics: ListenerMetrics | None = None,
+        access_log=None,
+    ):
         """
         @param listener: The validated listener config.
         @param clusters: The runtime clusters by name; those the listener
             and its routes name must be there.
         @param reactor: Provides the time and the timers (L{IReactorTime}).
+        @param metrics: The listener's counters (connections, bytes).
+        @param access_log: An L{balance.observe.accesslog.AccessLog} that
+            gets a line per connection, or L{None}.
         """
+        self.metrics = metrics if metrics is not None else ListenerMetrics(listener.name)
+        self.access_log = access_log
+        self.max_per_ip = listener.limits.max_connections_per_ip
+        # Open connections by client address, for max_connections_per_ip.
+        self._per_ip: dict[str, int] = {}
         self.listener = listener
         self.clusters = clusters
         self.cluster = clusters[listener.cluster] if listener.cluster is not None else None
@@ -492,6 +534,7 @@ class L4ProxyFactory(ServerFactory):
         self.cluster = clusters[listener.cluster] if listener.cluster is not None else None
         self.router = SNIRouter(listener.routes, listener.cluster) if listener.routes else None
         self.acl = _acl(listener)
+        self.max_per_ip = listener.limits.max_connections_per_ip
         self._sniff_timeout = listener.timeouts.handshake
         self._idle = listener.timeouts.idle
         self._log_context = {"listener": listener.name}
@@ -500,12 +543,19 @@ class L4ProxyFactory(ServerFactory):
         """
         Make the protocol of one client connection, or refuse it (the
         socket is closed at once) when the listener's allow/deny lists
-        exclude the client's address.
+        exclude the client's address, or when the client already has
+        C{limits.max_connections_per_ip} connections open.
         """
+        host = getattr(addr, "host", "")
         acl = self.acl
-        if acl is not None and not acl.allowed(getattr(addr, "host", "")):
+        if acl is not None and not acl.allowed(host):
+            self.metrics.refuse("denied")
             return None
-        return L4ProxyProtocol(self)
+        limit = self.max_per_ip
+        if limit is not None and host and self._per_ip.get(host, 0) >= limit:
+            self.metrics.refuse("max_connections_per_ip")
+            return None
+        return L4ProxyProtocol(self, host)
 
     @property
     def active(self) -> int:
@@ -530,9 +580,33 @@ class L4ProxyFactory(ServerFactory):
 
     def _opened(self, session: L4ProxyProtocol) -> None:
         self._sessions.add(session)
+        ip = session._ip
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        m = self.metrics
+        m.connections_total += 1
+        m.active += 1
 
     def _closed(self, session: L4ProxyProtocol) -> None:
         self._sessions.discard(session)
+        ip = session._ip
+        n = self._per_ip.get(ip, 0)
+        if n > 1:
+            self._per_ip[ip] = n - 1
+        else:
+            self._per_ip.pop(ip, None)
+        self.metrics.active -= 1
+        if self.access_log is not None:
+            backend = session._backend
+            self.access_log.write_connection(
+                self.listener.name,
+                ip or "-",
+                backend.address if backend is not None else None,
+                session._bytes_in,
+                session._bytes_out,
+                self._seconds() - session._started,
+                session._reason,
+                tls_version(session),
+            )
         if not self._sessions and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:

@@ -96,6 +96,8 @@ class ListenerMetrics:
     :ivar bytes_in: bytes received from clients.
     :ivar bytes_out: bytes sent to clients.
     :ivar tls_handshakes: C{{result: count}}; see L{tls_handshake}.
+    :ivar refused: C{{reason: count}} of connections closed as soon as
+        accepted; see L{refuse}.
     """
 
     __slots__ = (
@@ -105,6 +107,7 @@ class ListenerMetrics:
         "bytes_in",
         "bytes_out",
         "tls_handshakes",
+        "refused",
     )
 
     def __init__(self, listener: str):
@@ -114,6 +117,16 @@ class ListenerMetrics:
         self.bytes_in = 0
         self.bytes_out = 0
         self.tls_handshakes: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+
+    def refuse(self, reason: str) -> None:
+        """
+        Count a connection refused at accept.
+
+        :param reason: C{"max_connections"}, C{"max_connections_per_ip"}
+            or C{"denied"} (keep to a fixed set).
+        """
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def tls_handshake(self, result: str) -> None:
         """
@@ -234,6 +247,9 @@ class Metrics:
         self._websocket_messages: dict[tuple[str, str], Counter] = {}
         self._backend_sources: list = []
         self.config_reloads: dict[str, int] = {}
+        #: The L{balance.observe.tracing.OTLPExporter} whose counts are
+        #: exported, or L{None}.
+        self.span_exporter = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if process:
@@ -435,6 +451,18 @@ _FAMILIES = (
         "WebSocket messages relayed on routes in frame-aware mode, by direction.",
         ("route", "direction"),
     ),
+    (
+        "counter",
+        "balance_listener_refused_connections_total",
+        "Connections closed as soon as accepted, by reason.",
+        ("listener", "reason"),
+    ),
+    (
+        "counter",
+        "balance_tracing_spans_total",
+        "Sampled spans, by fate: exported, dropped (queue full), failed (export error).",
+        ("result",),
+    ),
 )
 
 _KINDS = {
@@ -474,6 +502,8 @@ class _Collector:
             health,
             reloads,
             ws_messages,
+            refused,
+            spans,
         ) = families
 
         for lm in m._listeners.values():
@@ -484,6 +514,8 @@ class _Collector:
             sent.add_metric(labels, lm.bytes_out)
             for result, n in lm.tls_handshakes.items():
                 tls.add_metric((lm.listener, result), n)
+            for reason, n in lm.refused.items():
+                refused.add_metric((lm.listener, reason), n)
 
         for rm in m._routes.values():
             labels = (rm.listener, rm.route, rm.cluster)
@@ -519,5 +551,11 @@ class _Collector:
 
         for (route, direction), counter in m._websocket_messages.items():
             ws_messages.add_metric((route, direction), counter.value)
+
+        exporter = m.span_exporter
+        if exporter is not None:
+            spans.add_metric(("exported",), exporter.exported)
+            spans.add_metric(("dropped",), exporter.dropped)
+            spans.add_metric(("failed",), exporter.failed)
 
         return families

@@ -90,7 +90,31 @@ class ValidTests(unittest.TestCase):
         )
 
 
+    def test_observability(self):
+        """tracing, access_log on a tcp listener and max_connections_per_ip are accepted."""
+        config = check(
+            GOOD.replace(
+                "protocol: tcp",
+                "protocol: tcp\n    access_log: {path: /tmp/x.log, format: combined}"
+                "\n    limits: {max_connections_per_ip: 8}",
+            )
+            + 'tracing: {service_name: edge, sample_ratio: 0.5, otlp_endpoint: "http://c:4318"}\n'
+        )
+        self.assertEqual(config.listeners[0].limits.max_connections_per_ip, 8)
+        self.assertEqual(config.listeners[0].access_log.format, "combined")
+        self.assertEqual(
+            config.tracing, model.Tracing("edge", 0.5, "http://c:4318")
+        )
+
+
 class ErrorTests(unittest.TestCase):
+    def test_tracing(self):
+        """A collector that is not an http(s) URL, or a ratio out of range, is refused."""
+        errors = self.errors(GOOD + "tracing: {sample_ratio: 2, otlp_endpoint: c:4318}\n")
+        self.assertEqual(len(errors), 2, errors)
+        self.assertIn("tracing.sample_ratio", errors[0])
+        self.assertIn('tracing.otlp_endpoint: expected a URL such as "http://127.0.0.1:4318"', errors[1])
+
     def errors(self, text: str) -> list[str]:
         e = self.assertRaises(ConfigError, check, text)
         return e.errors
@@ -370,10 +394,11 @@ class ErrorTests(unittest.TestCase):
         Contract keys of features this version lacks are refused by name,
         never silently ignored.
         """
-        [error] = self.errors(GOOD + "tracing: {service_name: balance}\n")
+        [error] = self.errors(GOOD + "    send_proxy_protocol: v2\n    tls: {verify: false}\n")
         self.assertEqual(
             error,
-            "t.yaml:11: tracing: tracing is not implemented in this version of Balance",
+            "t.yaml:11: clusters[0].send_proxy_protocol: send_proxy_protocol together with "
+            "cluster tls is not implemented in this version of Balance",
         )
 
     def test_proxy_protocol(self):

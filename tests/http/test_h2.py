@@ -453,6 +453,50 @@ class RequestTests(H2TestCase):
         self.assertEqual(conn.client_ip, b"192.0.2.10")
         self.assertEqual((ex.status, ex.target), (200, b"/x"))
 
+    def test_trace_context(self):
+        """An HTTP/2 request's traceparent reaches the backend re-parented, its span says HTTP 2."""
+        from balance.observe.tracing import Tracer
+
+        spans = []
+
+        class Exporter:
+            add = spans.append
+
+        self.proxy.context.tracer = Tracer(0.0, Exporter())
+        trace = b"4bf92f3577b34da6a3ce929d0e0e4736"
+        self.client.request(
+            b"/x", headers=[(b"traceparent", b"00-" + trace + b"-00f067aa0ba902b7-01")]
+        )
+        self.proxy.run()
+        [request] = self.backend().requests()
+        [value] = request.header_values(b"traceparent")
+        self.assertTrue(value.startswith(b"00-" + trace + b"-"), value)
+        self.assertNotIn(b"00f067aa0ba902b7", value)
+        self.answer()
+        [(span, _, attributes, error)] = spans
+        self.assertEqual(span.trace_id, trace)
+        self.assertEqual(attributes["network.protocol.version"], "2")
+        self.assertIsNone(error)
+
+    def test_access_log_protocol(self):
+        """HTTP/2 requests are logged as HTTP/2.0, in both formats."""
+        from balance.observe.accesslog import AccessLog
+
+        self.client.request(b"/x")
+        self.proxy.run()
+        self.answer()
+        [(conn, ex)] = self.log.lines
+        lines = {}
+        for fmt in ("json", "combined"):
+            path = self.mktemp()
+            log = AccessLog(path, fmt, self.proxy.clock)
+            log.write(self.proxy.context, conn, ex)
+            log.close()
+            with open(path) as f:
+                lines[fmt] = f.read()
+        self.assertIn('"protocol":"HTTP/2.0"', lines["json"])
+        self.assertIn('"GET /x HTTP/2.0" 200', lines["combined"])
+
     def test_connection_counted_once(self):
         """An HTTP/2 connection counts as one connection of the listener."""
         metrics = self.proxy.context.listener_metrics

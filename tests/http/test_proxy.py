@@ -8,6 +8,7 @@ and every way it can fail, in memory (L{balance.testing.InMemoryProxy}).
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -724,6 +725,67 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual(lines[1]["target"], "/healthz")
         self.assertIsNone(lines[1]["reason"])
 
+    def test_json_fields(self):
+        """
+        A proxied request's line has the path, protocol, route, cluster,
+        backend, request and response sizes, total and upstream durations
+        (request sent to response head), and no TLS or trace id when there
+        are none.
+        """
+        proxy, log, path = self.proxy("json")
+        proxy.clock.advance(1000)
+        app = proxy.backend(APP)
+        client = proxy.client()
+        client.send(b"POST /x?q=1 HTTP/1.1\r\nHost: example.com\r\nContent-Length: 5\r\n\r\nhello")
+        proxy.run()
+        proxy.run(0.25)
+        app.connections[0].respond(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+        proxy.run(0.5)
+        log.flush()
+        with open(path) as f:
+            [line] = [json.loads(line) for line in f]
+        self.assertEqual(line["time"], "2023-11-14T22:13:20.000Z")
+        self.assertEqual((line["method"], line["path"], line["target"]), ("POST", "/x", "/x?q=1"))
+        self.assertEqual(line["protocol"], "HTTP/1.1")
+        self.assertEqual((line["route"], line["cluster"], line["backend"]), ("4", "app", APP))
+        self.assertEqual((line["request_bytes"], line["response_bytes"]), (5, 3))
+        self.assertEqual(line["upstream_duration_ms"], 250.0)
+        self.assertEqual(line["duration_ms"], 250.0)
+        self.assertIsNone(line["tls_version"])
+        self.assertIsNone(line["trace_id"])
+        self.assertIsNone(line["reason"])
+
+    def test_trace_id(self):
+        """With tracing on, the line carries the request's trace id."""
+        from balance.observe.tracing import Tracer
+
+        proxy, log, path = self.proxy("combined")
+        proxy.context.tracer = Tracer(0.0)
+        client = proxy.client()
+        trace = b"4bf92f3577b34da6a3ce929d0e0e4736"
+        client.send(get(b"/healthz", b"traceparent: 00-" + trace + b"-00f067aa0ba902b7-01"))
+        proxy.run()
+        log.flush()
+        with open(path) as f:
+            [line] = f.read().splitlines()
+        self.assertIn(" trace_id=" + trace.decode(), line)
+        self.assertIn(" route=0 cluster=- backend=- upstream_ms=- tls=-", line)
+
+    def test_reopen(self):
+        """After reopen(), lines go to a new file at the path (logrotate renamed the old)."""
+        proxy, log, path = self.proxy("json")
+        client = proxy.client()
+        client.send(get(b"/healthz"))
+        proxy.run()
+        os.rename(path, path + ".1")
+        log.reopen()
+        client.send(get(b"/healthz"))
+        proxy.run()
+        log.flush()
+        for name in (path, path + ".1"):
+            with open(name) as f:
+                self.assertEqual(len(f.read().splitlines()), 1, name)
+
     def test_combined(self):
         """Combined format lines, including refused requests."""
         proxy, log, path = self.proxy("combined")
@@ -742,3 +804,22 @@ class AccessLogTests(SynchronousTestCase):
         self.assertIn('reason="malformed request', lines[0])
         self.assertIn('"GET /healthz HTTP/1.1" 200', lines[1])
         self.assertIn('"test/1"', lines[1])
+
+
+class AccessLogEscapingTests(SynchronousTestCase):
+    """Request bytes cannot break a log line."""
+
+    def test_json(self):
+        """Quotes, backslashes, control and non-ASCII bytes become a valid JSON string."""
+        from balance.observe.accesslog import _json_bytes
+
+        self.assertEqual(_json_bytes(b"/plain?a=1"), b'"/plain?a=1"')
+        value = b'/a"b\\c\x01\xe9'
+        self.assertEqual(json.loads(_json_bytes(value)), value.decode("latin-1"))
+
+    def test_combined(self):
+        """In the combined format they are written as \\xHH."""
+        from balance.observe.accesslog import _clf_bytes
+
+        self.assertEqual(_clf_bytes(b"curl/8"), b"curl/8")
+        self.assertEqual(_clf_bytes(b'a"b\\\n\xe9'), b"a\\x22b\\x5c\\x0a\\xe9")

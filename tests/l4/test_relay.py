@@ -370,3 +370,73 @@ class NoIdleTests(RelayTestCase):
     def test_no_timer(self):
         self.open()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class _LogRecorder:
+    """An access log that keeps the connection lines' arguments."""
+
+    def __init__(self):
+        self.lines = []
+
+    def write_connection(self, *args):
+        self.lines.append(args)
+
+
+class ObservabilityTests(RelayTestCase):
+    """What a tcp listener counts and logs per connection."""
+
+    def test_metrics(self):
+        """Connections (total and open) and bytes both ways are counted."""
+        proto, down, wrapper, up = self.open()
+        m = self.factory.metrics
+        self.assertEqual((m.connections_total, m.active), (1, 1))
+        proto.dataReceived(b"hello")
+        wrapper.dataReceived(b"world!")
+        self.assertEqual((m.bytes_in, m.bytes_out), (5, 6))
+        proto.connectionLost(DONE)
+        wrapper.connectionLost(DONE)
+        self.assertEqual((m.connections_total, m.active), (1, 0))
+
+    def test_access_log(self):
+        """A closed connection leaves one line: client, backend, bytes, duration."""
+        log = self.factory.access_log = _LogRecorder()
+        proto, down, wrapper, up = self.open()
+        proto.dataReceived(b"hello")
+        wrapper.dataReceived(b"world!")
+        self.reactor.advance(2.5)
+        proto.connectionLost(DONE)
+        wrapper.connectionLost(DONE)
+        [line] = log.lines
+        self.assertEqual(line, ("edge", "192.0.2.7", "10.0.0.1:8001", 5, 6, 2.5, "", None))
+
+    def test_access_log_reason(self):
+        """A connection no backend took is logged with the reason."""
+        log = self.factory.access_log = _LogRecorder()
+        proto, down = self.accept()
+        self.refuse_upstream()
+        self.refuse_upstream()
+        proto.connectionLost(DONE)
+        [line] = log.lines
+        self.assertIsNone(line[2])
+        self.assertIn("10.0.0.2:8002", line[6])
+
+    def test_idle_reason(self):
+        """An idle timeout is the reason of its connection's line."""
+        log = self.factory.access_log = _LogRecorder()
+        proto, down, wrapper, up = self.open()
+        self.reactor.advance(61)
+        proto.connectionLost(DONE)
+        wrapper.connectionLost(DONE)
+        self.assertEqual(log.lines[0][6], "idle timeout")
+
+    def test_max_connections_per_ip(self):
+        """Beyond max_connections_per_ip, a client's new connections are refused at accept."""
+        self.factory.max_per_ip = 2
+        first, _ = self.accept()
+        self.accept()
+        peer = IPv4Address("TCP", "192.0.2.7", 40001)
+        self.assertIsNone(self.factory.buildProtocol(peer))
+        self.assertIsNotNone(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", 1)))
+        self.assertEqual(self.factory.metrics.refused, {"max_connections_per_ip": 1})
+        first.connectionLost(DONE)
+        self.assertIsNotNone(self.factory.buildProtocol(peer))

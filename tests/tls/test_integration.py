@@ -354,3 +354,48 @@ class TestSSLTests(BalanceTLSTestCase):
         # It did scan: the checks ran against a TLS 1.3 server.
         self.assertIn("Testing vulnerabilities", out)
         self.assertRegex(out, r"TLS 1\.3\s+offered")
+
+
+class AccessLogTests(BalanceTLSTestCase):
+    """The access log says which TLS version and which HTTP each request came over."""
+
+    @inlineCallbacks
+    def test_tls_version_and_protocol(self):
+        """curl over TLS 1.2 with HTTP/1.1, then TLS 1.3 with HTTP/2: both in the log."""
+        curl = require("curl")
+        site = write(self.dir, "site_ec")
+        port, upstream = free_port(), free_port()
+        log = os.path.join(self.dir, "access.log")
+        root = self.start(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:{port}:interface=127.0.0.1"
+                tls:
+                  certificates: [{{cert: {site.cert}, key: {site.key}}}]
+                  alpn: [h2, http/1.1]
+                access_log: {{path: {log}, format: json}}
+                cluster: whoami
+            clusters:
+              - {{name: whoami, backends: ["127.0.0.1:{upstream}"]}}
+            whoami:
+              - {{name: alpha, listen: "tcp:{upstream}:interface=127.0.0.1"}}
+            """
+        )
+        base = [curl, "-sS", "-o", "/dev/null", "--cacert", self.ca,
+                "--resolve", f"example.com:{port}:127.0.0.1", f"https://example.com:{port}/"]
+        for args in (["--http1.1", "--tlsv1.2", "--tls-max", "1.2"], ["--http2", "--tlsv1.3"]):
+            code, out = yield run([*base[:-1], *args, base[-1]], timeout=15)
+            self.assertEqual(code, 0, out)
+        for access_log in root.access_logs:
+            access_log.flush()
+        with open(log) as f:
+            lines = [json.loads(line) for line in f]
+        self.assertEqual(
+            [(line["tls_version"], line["protocol"], line["status"]) for line in lines],
+            [("TLSv1.2", "HTTP/1.1", 200), ("TLSv1.3", "HTTP/2.0", 200)],
+        )
+        self.assertIn(
+            'balance_tls_handshakes_total{listener="web",result="success"} 2.0',
+            root.metrics.render().decode(),
+        )
