@@ -727,9 +727,6 @@ unsupported(
     lambda r: r.websocket_max_message_bytes is not None,
     "websocket_max_message_bytes",
 )
-unsupported(
-    ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
-)
 unsupported(("", "workers"), lambda c: c.workers != 1, "more than one worker")
 unsupported(("", "tracing"), lambda c: c.tracing is not None, "tracing")
 

@@ -33,8 +33,6 @@ from balance.http import message
 from balance.http.upstream import describe_failure
 from balance.ratelimit.limiter import Decision
 
-_CHUNK_END = b"\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
 _VIA = b"1.1 balance"
 
 # Large or unbounded bodies are streamed with flow control; small ones are
@@ -157,6 +155,9 @@ class Exchange:
         "keep_alive",
         "chunked_in",
         "te_value",
+        "te_trailers",
+        "trailers_in",
+        "trailers_out",
         "content_length",
         "expect_continue",
         "body",
@@ -202,6 +203,12 @@ class Exchange:
         self.keep_alive = True
         self.chunked_in = False
         self.te_value = b""
+        # The client sent "te: trailers" (an HTTP/2 backend gets it).
+        self.te_trailers = False
+        # Request trailers (from an HTTP/2 client) and response trailers
+        # (from an HTTP/2 backend), checked: see h2_headers.safe_trailers.
+        self.trailers_in = None
+        self.trailers_out = None
         self.content_length = 0
         self.expect_continue = False
         self.body = []
@@ -370,7 +377,7 @@ class Exchange:
                 if deadline < rs.route_deadline:
                     self.deadline = deadline
                     down.arm(deadline)
-        self.pool = down.ctx.pools.get(backend, cluster.model.pool)
+        self.pool = down.ctx.pools.get(backend, cluster.model.pool, cluster.h2_scheme)
         conn = self.pool.take()
         if conn is not None:
             self._send(conn)
@@ -575,10 +582,10 @@ class Exchange:
         conn.attach(self, self.method == b"HEAD")
         if self.cluster.measures_latency:
             self.t_sent = self.downstream.ctx.reactor.seconds()
-        conn.write(self.downstream.ctx.request_head(self))
+        conn.send_head(self)
         if self.body:
             for chunk in self.body:
-                self._write_body(conn, chunk)
+                conn.write_body(self, chunk)
             self.body = []
         if self.request_done:
             self._end_body(conn)
@@ -603,7 +610,7 @@ class Exchange:
         if conn is None:
             self.body.append(chunk)
         elif not self.response_done:
-            self._write_body(conn, chunk)
+            conn.write_body(self, chunk)
             conn.flush()
 
     def request_complete(self) -> None:
@@ -616,17 +623,8 @@ class Exchange:
         if self.response_done:
             self.downstream.exchange_done(self)
 
-    def _write_body(self, conn, chunk: bytes) -> None:
-        if self.chunked_in:
-            conn.write(b"%x\r\n" % len(chunk))
-            conn.write(chunk)
-            conn.write(_CHUNK_END)
-        else:
-            conn.write(chunk)
-
     def _end_body(self, conn) -> None:
-        if self.chunked_in:
-            conn.write(_LAST_CHUNK)
+        conn.end_body(self)
         if self._streaming_up:
             self._stop_streaming_up(conn)
         self._body_sent = True
@@ -705,6 +703,15 @@ class Exchange:
         if not self._streaming_down and self.response_bytes > _STREAM_THRESHOLD:
             self._stream_down(self.upstream)
 
+    def response_trailers(self, conn, fields) -> None:
+        """
+        The backend's response trailers (HTTP/2 backends), checked, passed
+        on as the downstream can: HEADERS for HTTP/2, the last chunk of a
+        chunked HTTP/1.1 body, else dropped.
+        """
+        if conn is self.upstream and fields:
+            self.trailers_out = fields
+
     def response_complete(self, conn, keep_alive: bool) -> None:
         """The backend's response is complete."""
         if conn is not self.upstream:
@@ -745,6 +752,15 @@ class Exchange:
         if conn is not self.upstream:
             return
         self._detach(conn)
+        unsent = conn.unsent
+        if unsent is not None and not self.response_started and self.attempts < 3:
+            # An HTTP/2 backend refused the stream (REFUSED_STREAM, or above
+            # its GOAWAY's last stream): nothing of it was processed, and
+            # its body is at hand, so it goes again on another connection.
+            self.body = unsent + self.body
+            self._body_sent = False
+            self._connect()
+            return
         if (
             conn.reused
             and not self.response_started
