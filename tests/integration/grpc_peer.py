@@ -4,6 +4,7 @@ of its own: no generated code, generic handlers with bytes in and out.
 
     python grpc_peer.py server          # prints its port, serves until killed
     python grpc_peer.py client TARGET   # runs the calls, prints JSON results
+    python grpc_peer.py drain TARGET    # a call in flight across a drain
 
 Methods of the service C{test.Echo}:
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 
 
 def _identity(data: bytes) -> bytes:
@@ -35,7 +37,11 @@ def serve() -> None:
         return request[::-1]
 
     def stream(request: bytes, context):
-        for i in range(int(request)):
+        slow = request.startswith(b"slow")
+        for i in range(int(request[4:] if slow else request)):
+            if slow and i:
+                # Keeps the call in flight while the test drains Balance.
+                time.sleep(0.3)
             yield b"item-%d" % i
 
     handler = grpc.method_handlers_generic_handler(
@@ -76,8 +82,31 @@ def client(target: str) -> None:
     print(json.dumps(results), flush=True)
 
 
+def drain_client(target: str) -> None:
+    """
+    A slow server-streaming call: "first" once its first message came,
+    then the rest after a line on stdin (the test drained Balance
+    meanwhile), then a unary call on the same channel.
+    """
+    import grpc
+
+    results = {}
+    with grpc.insecure_channel(target) as channel:
+        unary = channel.unary_unary("/test.Echo/Unary", _identity, _identity)
+        stream = channel.unary_stream("/test.Echo/Stream", _identity, _identity)
+        messages = stream(b"slow5", timeout=30)
+        results["stream"] = [next(messages).decode()]
+        print("first", flush=True)
+        sys.stdin.readline()
+        results["stream"] += [m.decode() for m in messages]
+        results["after"] = unary(b"again", timeout=20).decode()
+    print(json.dumps(results), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve()
+    elif sys.argv[1] == "drain":
+        drain_client(sys.argv[2])
     else:
         client(sys.argv[2])

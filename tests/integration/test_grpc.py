@@ -33,6 +33,23 @@ def _need_grpc() -> None:
         raise SkipTest("grpcio is not installed (pip install grpcio)") from None
 
 
+class _Client(ProcessProtocol):
+    """The drain client: says "first" mid-call, prints JSON at the end."""
+
+    def __init__(self):
+        self.first = Deferred()
+        self.ended = Deferred()
+        self.out = b""
+
+    def outReceived(self, data):
+        self.out += data
+        if b"first\n" in self.out and not self.first.called:
+            self.first.callback(None)
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
 class _Server(ProcessProtocol):
     """The gRPC server process: its port comes on its first stdout line."""
 
@@ -97,3 +114,30 @@ class GRPCTests(H2TestCase):
         self.assertEqual(results["big"], 1_000_000)
         self.assertEqual(results["error_code"], "NOT_FOUND")
         self.assertEqual(results["error_details"], "no such thing")
+
+    async def test_graceful_goaway_on_drain(self):
+        """
+        Draining an HTTP/2 connection (as a drain or a reload that removes
+        its listener does) lets the call in flight finish; the client's
+        next call goes on a new connection, which it opens by itself.
+        """
+        client = _Client()
+        process = reactor.spawnProcess(
+            client,
+            sys.executable,
+            [sys.executable, _PEER, "drain", f"127.0.0.1:{self.port}"],
+            env=os.environ,
+        )
+        self.addCleanup(lambda: client.ended)
+        self.addCleanup(lambda: process.pid is not None and process.signalProcess("KILL"))
+        await client.first
+        context = self.service.listeners.getServiceNamed("web").factory.context
+        [conn] = list(context.connections)
+        conn.drain()
+        process.write(b"go\n")
+        self.assertEqual(await client.ended, 0)
+        results = json.loads(client.out.split(b"first\n", 1)[1])
+        self.assertEqual(results["stream"], ["item-%d" % i for i in range(5)])
+        self.assertEqual(results["after"], "niaga")
+        self.assertEqual(context.listener_metrics.connections_total, 2)
+        self.assertNotIn(conn, context.connections)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 
@@ -170,6 +171,22 @@ class MultiplexingTests(H2UpstreamTestCase):
         self.assertIn(b"Transfer-Encoding: chunked\r\n", data)
         self.assertIn(b"x-te: trailers\r\n", data)
         self.assertTrue(data.endswith(b"3\r\nabc\r\n0\r\nx-trailer: done\r\n\r\n"), data)
+
+
+class DrainTests(H2UpstreamTestCase):
+    async def test_drain_lets_stream_finish(self):
+        """nghttp gets the graceful GOAWAY pair and still its in-flight response."""
+        out = ensureDeferred(self.tool("nghttp", "-v", "-t", "30", self.url + "/hold"))
+        await wait_for(lambda: self.backend.held, what="the held request")
+        drained = self.service.listeners.getServiceNamed("web").factory.drain()
+        await wait_for(lambda: self.backend.held and not drained.called, what="draining")
+        self.backend.release()
+        out = await out
+        await drained
+        self.assertIn(":status: 200", out)
+        [sid] = re.findall(r"recv \(stream_id=(\d+)\) :status: 200", out)
+        goaways = re.findall(r"recv GOAWAY frame.*\n.*last_stream_id=(\d+)", out)
+        self.assertEqual(goaways, [str(2**31 - 1), sid], out)
 
 
 class FailureTests(H2UpstreamTestCase):
