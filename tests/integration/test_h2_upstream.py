@@ -15,6 +15,9 @@ import re
 import shutil
 import tempfile
 
+import h2.config
+import h2.connection
+import h2.events
 from OpenSSL import SSL
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import DeferredList, ensureDeferred
@@ -49,6 +52,40 @@ class _RawClient(Protocol):
     @property
     def data(self) -> bytes:
         return b"".join(self.received)
+
+
+class _H2Client(Protocol):
+    """A minimal HTTP/2 client (h2c): one request, with request trailers."""
+
+    def __init__(self, headers, body: bytes, trailers):
+        self.request = (headers, body, trailers)
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.headers = self.trailers = None
+        self.body = b""
+        self.done = False
+
+    def connectionMade(self):
+        headers, body, trailers = self.request
+        self.h2.initiate_connection()
+        self.h2.send_headers(1, headers)
+        self.h2.send_data(1, body)
+        self.h2.send_headers(1, trailers, end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+    def dataReceived(self, data):
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                self.headers = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                self.body += event.data
+                self.h2.acknowledge_received_data(event.flow_controlled_length, 1)
+            elif isinstance(event, h2.events.TrailersReceived):
+                self.trailers = dict(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.done = True
+        self.transport.write(self.h2.data_to_send())
 
 
 class H2UpstreamTestCase(H2TestCase):
@@ -159,6 +196,44 @@ class MultiplexingTests(H2UpstreamTestCase):
         self.assertIn("x-trailer: done", out)
         # Trailers come in a HEADERS frame of their own, with END_STREAM.
         self.assertGreaterEqual(out.count("recv HEADERS frame"), 2, out)
+
+    async def test_request_trailers_to_http2_backend(self):
+        """An HTTP/2 client's request trailers reach the HTTP/2 backend."""
+        client = _H2Client(
+            [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"),
+             (b":path", b"/echo"), (b"te", b"trailers")],
+            b"payload",
+            [(b"x-checksum", b"abc"), (b"content-length", b"1")],
+        )  # fmt: skip
+        await connect_client(self.port, client)
+        await wait_for(lambda: client.done, what="the response")
+        client.transport.loseConnection()
+        self.assertEqual(client.body, b"payload")
+        self.assertEqual(client.headers[b"x-te"], b"trailers")
+        # content-length is no trailer: dropped on the way.
+        self.assertEqual(client.trailers, {b"x-trailer": b"done", b"x-got-x-checksum": b"abc"})
+
+    async def test_upload_backpressure(self):
+        """A backend that stops reading stops Balance reading that client, within bounds."""
+        self.backend.stall_uploads = True
+        size = 8 * 1024 * 1024
+        client = await self.raw(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        client.transport.write(b"u" * size)
+        await wait_for(lambda: self.backend.received >= 65535, what="the first window")
+        [pool] = self.service.pools._pools.values()
+        [conn] = pool.connections
+        [stream] = conn._streams.values()
+        await wait_for(lambda: stream._producer_paused, what="the client to be paused")
+        self.assertEqual(self.backend.received, 65535)
+        self.assertLess(stream._out_bytes, 1024 * 1024)
+        # The backend dies: the request fails, and the client connection
+        # (which Balance was not reading) is closed.
+        for conn in list(self.backend.open):
+            conn.transport.abortConnection()
+        await wait_for(lambda: client.closed, what="the client connection closed")
+        self.assertIn(b"502 Bad Gateway", client.data)
 
     async def test_trailers_to_http11_client(self):
         """An HTTP/1.1 client gets the trailers in the last chunk."""
