@@ -85,10 +85,10 @@ _CONFIG = h2.config.H2Configuration(
     validate_outbound_headers=False,
     normalize_outbound_headers=False,
 )
-_SETTINGS = {
-    h2.settings.SettingCodes.ENABLE_PUSH: 0,
-    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0,
-}
+# No server push.  (Not MAX_CONCURRENT_STREAMS 0 as well: h2 would count
+# the response HEADERS of a stream Balance has reset and forgotten as a
+# pushed stream beyond that limit, and fail the whole connection.)
+_SETTINGS = {h2.settings.SettingCodes.ENABLE_PUSH: 0}
 
 
 class _ClientConnection(h2.connection.H2Connection):
@@ -230,10 +230,6 @@ class H2UpstreamStream:
         if not self.done:
             # Answered before the whole request went: stop the rest.
             self.connection.cancel(self)
-
-    def usable(self) -> bool:
-        """Whether a new exchange may use this stream."""
-        return self.exchange is None and not self.done and self.connection.has_room(0)
 
     # -- the backend as the request body's transport --------------------------
 
@@ -606,11 +602,8 @@ class H2UpstreamConnection(Protocol):
     def acknowledge(self, stream: H2UpstreamStream, size: int) -> None:
         """Give C{size} bytes of window back to the backend."""
         if size and not self.closed:
-            try:
-                self.h2.acknowledge_received_data(size, stream.id)
-            except h2.exceptions.StreamClosedError:
-                # The stream ended meanwhile: the connection window still counts.
-                self.h2.increment_flow_control_window(size)
+            # (For a stream closed meanwhile, h2 credits the connection only.)
+            self.h2.acknowledge_received_data(size, stream.id)
 
     def cancel(self, stream: H2UpstreamStream) -> None:
         """Drop C{stream}: reset it if it was opened."""
@@ -630,7 +623,9 @@ class H2UpstreamConnection(Protocol):
             return
         self._sending.pop(sid, None)
         if stream._unacked:
-            self.h2.increment_flow_control_window(stream._unacked)
+            # Held back from a client that stopped reading: the connection
+            # window still counts these bytes.
+            self.h2.acknowledge_received_data(stream._unacked, sid)
             stream._unacked = 0
         if not self.closed:
             try:

@@ -247,3 +247,169 @@ class PoolTests(SynchronousTestCase):
         self.pool.closed = True
         self.pool.idle(conn)
         self.assertEqual(closed, [conn])
+
+
+class _Down:
+    """The downstream of a fake exchange: records what it is handed."""
+
+    def __init__(self):
+        self.ctx = self
+        self.client_ip = b"192.0.2.1"
+        self.flushed = 0
+
+    def request_fields(self, ex, scheme):
+        return request_fields(ex, self.client_ip, b"http", scheme)
+
+    def flush(self):
+        self.flushed += 1
+
+
+class _ProtoExchange(_Exchange):
+    """What the connection calls on an Exchange, recorded."""
+
+    def __init__(self):
+        super().__init__([(b"host", b"x")])
+        self.method = b"GET"
+        self.downstream = _Down()
+        self.upstream = None
+        self.events = []
+
+    def response_head(self, conn, status, reason, headers):
+        self.events.append(("head", status))
+
+    def response_body(self, chunk):
+        self.events.append(("body", chunk))
+
+    def response_trailers(self, conn, fields):
+        self.events.append(("trailers", fields))
+
+    def response_complete(self, conn, keep_alive):
+        self.events.append(("complete",))
+
+    def upstream_failed(self, conn, why, status):
+        self.events.append(("failed", why))
+
+
+class ConnectionTests(SynchronousTestCase):
+    """One H2UpstreamConnection against an h2 server driven by hand."""
+
+    def setUp(self):
+        import h2.config
+        import h2.connection
+        from twisted.internet.testing import StringTransport
+
+        self.pool = H2Pool(Clock(), _Backend(), 60.0, b"http")
+        self.conn = H2UpstreamConnection(self.pool)
+        self.pool.connections.append(self.conn)
+        self.transport = StringTransport()
+        self.conn.makeConnection(self.transport)
+        self.server = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.server.initiate_connection()
+        self.exchange()
+
+    def exchange(self):
+        self.to_server()
+        self.conn.dataReceived(self.server.data_to_send())
+
+    def to_server(self):
+        data = self.transport.value()
+        self.transport.clear()
+        return self.server.receive_data(data) if data else []
+
+    def request(self):
+        """The one request the server got since last asked."""
+        import h2.events
+
+        [request] = [e for e in self.to_server() if isinstance(e, h2.events.RequestReceived)]
+        return request
+
+    def start(self):
+        ex = _ProtoExchange()
+        stream = self.conn.new_stream()
+        ex.upstream = stream
+        stream.attach(ex, False)
+        stream.send_head(ex)
+        stream.end_body(ex)
+        stream.flush()
+        return ex, stream
+
+    def test_response_after_reset_is_ignored(self):
+        """
+        HEADERS the backend sent before it saw Balance's RST_STREAM (and
+        after h2 forgot the stream) do not fail the connection.
+        """
+        ex, stream = self.start()
+        request = self.request()
+        stream.abort()
+        # The backend answers before reading the reset.
+        self.server.send_headers(request.stream_id, [(b":status", b"200")], end_stream=True)
+        late = self.server.data_to_send()
+        # Streams enough for h2 to prune the reset one from its table.
+        others = [self.start() for _ in range(3)]
+        self.to_server()
+        self.conn.dataReceived(late)
+        self.assertFalse(self.conn.closed)
+        self.assertEqual(ex.events, [])
+        for other, _ in others:
+            self.assertEqual(other.events, [])
+
+    def test_response_with_trailers(self):
+        ex, stream = self.start()
+        request = self.request()
+        sid = request.stream_id
+        self.server.send_headers(sid, [(b":status", b"200"), (b"content-type", b"a/b")])
+        self.server.send_data(sid, b"hello")
+        self.server.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        self.conn.dataReceived(self.server.data_to_send())
+        self.assertEqual(
+            ex.events,
+            [
+                ("head", 200),
+                ("body", b"hello"),
+                ("trailers", [(b"grpc-status", b"0")]),
+                ("complete",),
+            ],
+        )
+        self.assertEqual(self.conn.load, 0)
+
+    def test_paused_stream_holds_its_window(self):
+        ex, stream = self.start()
+        request = self.request()
+        sid = request.stream_id
+        self.server.send_headers(sid, [(b":status", b"200")])
+        self.conn.dataReceived(self.server.data_to_send())
+        stream.pauseProducing()
+        for _ in range(4):
+            self.server.send_data(sid, b"x" * 10000)
+        self.conn.dataReceived(self.server.data_to_send())
+        self.assertEqual([e for e in self.to_server() if e.stream_id == sid], [])
+        stream.resumeProducing()
+        [update] = [e for e in self.to_server() if e.stream_id == sid]
+        self.assertEqual(update.delta, 40000)
+
+    def test_malformed_status_fails_the_stream(self):
+        ex, stream = self.start()
+        request = self.request()
+        self.server.config.validate_outbound_headers = False
+        self.server.send_headers(request.stream_id, [(b":status", b"2xx")])
+        self.conn.dataReceived(self.server.data_to_send())
+        self.assertEqual(ex.events[0][0], "failed")
+
+    def test_goaway_refuses_later_streams(self):
+        first, _ = self.start()
+        second, _ = self.start()
+        events = self.to_server()
+        sids = sorted({e.stream_id for e in events if hasattr(e, "headers")})
+        from hyperframe.frame import GoAwayFrame
+
+        # Written beside h2, whose state machine would refuse to answer after.
+        self.conn.dataReceived(GoAwayFrame(0, last_stream_id=sids[0]).serialize())
+        self.assertEqual(second.events, [("failed", "backend sent GOAWAY")])
+        self.assertEqual(first.events, [])
+        self.assertFalse(self.conn.has_room())
+        self.server.send_headers(sids[0], [(b":status", b"204")], end_stream=True)
+        self.conn.dataReceived(self.server.data_to_send())
+        self.assertEqual(first.events, [("head", 204), ("complete",)])
+        self.assertTrue(self.conn.closed)
