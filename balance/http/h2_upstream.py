@@ -61,6 +61,9 @@ __all__ = ["H2Pool", "H2UpstreamConnection", "H2UpstreamStream", "HIGH_WATER", "
 DEFAULT_MAX_STREAMS = 100
 MAX_STREAMS = 1000
 
+# Stream objects (open or closed) beyond which h2 forgets the closed ones.
+_PRUNE_STREAMS = 2 * DEFAULT_MAX_STREAMS
+
 #: Request bytes queued for one stream beyond which its downstream stops
 #: being read, and below which it is read again.
 HIGH_WATER = 64 * 1024
@@ -93,11 +96,24 @@ _SETTINGS = {h2.settings.SettingCodes.ENABLE_PUSH: 0}
 
 class _ClientConnection(h2.connection.H2Connection):
     """
-    C{h2}'s connection, except that a GOAWAY does not close its state
-    machine: C{h2} would then refuse every further frame, where RFC 9113
-    6.8 has the streams up to C{last_stream_id} complete.  No new stream
-    is opened on a connection that received one.
+    C{h2}'s connection, with two changes:
+
+      - a GOAWAY does not close its state machine: C{h2} would then refuse
+        every further frame, where RFC 9113 6.8 has the streams up to
+        C{last_stream_id} complete.  No new stream is opened on a
+        connection that received one;
+      - no count of the open streams of its own each time a stream opens
+        (a scan of every stream): L{H2UpstreamConnection} keeps within the
+        backend's limit itself.  Closed streams are forgotten in batches.
     """
+
+    MAX_CLOSED_STREAMS = 1024
+
+    @property
+    def open_outbound_streams(self) -> int:
+        if len(self.streams) > _PRUNE_STREAMS:
+            self._open_streams(1)
+        return 0
 
     def _receive_goaway_frame(self, frame):
         event = h2.events.ConnectionTerminated()
