@@ -106,6 +106,10 @@ class H2UpstreamTestCase(H2TestCase):
                     cluster: h2
                     rewrite: {{path_prefix: "/"}}
                     retry: {{attempts: 3, on: [reset, "502"], backoff: {{base: 1ms, max: 5ms}}}}
+                  - match: {{path_prefix: "/quick/"}}
+                    cluster: h2
+                    rewrite: {{path_prefix: "/"}}
+                    timeout: 200ms
             clusters:
               - name: h2
                 upstream_protocol: h2
@@ -295,6 +299,14 @@ class FailureTests(H2UpstreamTestCase):
         self.assertEqual(await self.get("/goaway", b"POST", b"body"), (200, b"x" * 10))
         self.assertEqual(self.backend.connections, 2)
         self.assertEqual(self.backend.requests[-1][b":method"], b"POST")
+
+    async def test_timeout_resets_only_that_stream(self):
+        """The route's timeout: 504, the stream reset, the connection kept."""
+        status, _ = await self.get("/quick/hold")
+        self.assertEqual(status, 504)
+        await wait_for(lambda: self.backend.resets == 1, what="the stream reset")
+        self.assertEqual(await self.get("/after"), (200, b"ok"))
+        self.assertEqual(self.backend.connections, 1)
 
     async def test_refused_stream_retried(self):
         self.assertEqual(await self.get("/refuse"), (200, b"x" * 10))
