@@ -1,13 +1,17 @@
 # -*- test-case-name: tests.http.test_proxy -*-
 """
-One proxied HTTP/1.1 request, from its parsed head to the end of its
+One proxied HTTP request, from its parsed head to the end of its
 response: routing, picking a backend, taking a pooled connection, streaming
 the request body up and the response down, and the error answers.
 
 An L{Exchange} is created by the downstream side for every request and
-talks to two peers: its C{downstream}, to answer the client, and the
-L{balance.http.upstream.UpstreamConnection} it borrowed (to write the
-request).  The downstream is an HTTP/1.1 connection
+talks to two peers: its C{downstream}, to answer the client, and its
+upstream, to write the request (C{send_head}, C{write_body}, C{end_body})
+and get the response: an L{balance.http.upstream.UpstreamConnection} it
+borrowed from its backend's pool, or for a cluster with
+C{upstream_protocol: h2} one stream on a shared connection
+(L{balance.http.h2_upstream.H2UpstreamStream}), which also brings
+response trailers.  The downstream is an HTTP/1.1 connection
 (L{balance.http.h1.DownstreamConnection}) or one HTTP/2 stream
 (L{balance.http.h2}): the Exchange hands it the response as a status and
 fields, body chunks and an end (C{send_response_head}, C{send_body},
