@@ -173,6 +173,10 @@ class Cluster:
         # Backend TLS (the cluster's tls:), loaded once; every backend's
         # endpoint then speaks TLS, verified unless verify: false.
         self.tls = None
+        # The :scheme of an HTTP/2 cluster's requests; None for HTTP/1.1.
+        self.h2_scheme = None
+        if cluster.upstream_protocol == "h2":
+            self.h2_scheme = b"https" if cluster.tls is not None else b"http"
         if cluster.tls is not None:
             alpn = (b"h2",) if cluster.upstream_protocol == "h2" else (b"http/1.1",)
             self.tls = ClientTLS(cluster.tls, cluster.name, reactor, alpn=alpn)

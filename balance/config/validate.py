@@ -710,7 +710,9 @@ unsupported(
     "send_proxy_protocol together with cluster tls",
 )
 unsupported(
-    ("clusters", "upstream_protocol"), lambda c: c.upstream_protocol == "h2", "upstream_protocol h2"
+    ("clusters", "send_proxy_protocol"),
+    lambda c: c.send_proxy_protocol is not None and c.upstream_protocol == "h2",
+    "send_proxy_protocol together with upstream_protocol h2",
 )
 
 

@@ -260,7 +260,10 @@ class DownstreamConnection(Protocol):
     def end_response(self, ex: Exchange) -> None:
         """The response body is complete."""
         if ex.chunked_out:
-            self._wbuf.append(_LAST_CHUNK)
+            # An HTTP/2 backend's trailers (gRPC status) fit in the last
+            # chunk; with a Content-Length body there is no room: dropped.
+            trailers = ex.trailers_out
+            self._wbuf.append(message.trailer_block(trailers) if trailers else _LAST_CHUNK)
 
     def send_local(
         self, ex: Exchange, status: int, body: bytes, close: bool, extra: bytes = b""

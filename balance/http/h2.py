@@ -55,7 +55,13 @@ from zope.interface import implementer
 
 from balance import _io
 from balance.http.h2_guard import FrameGuard
-from balance.http.h2_headers import MAX_FIELDS, RequestError, read_request, route_reply
+from balance.http.h2_headers import (
+    MAX_FIELDS,
+    RequestError,
+    read_request,
+    route_reply,
+    safe_trailers,
+)
 from balance.http.h2_stream import H2Stream
 from balance.http.proxy import Exchange
 from balance.proxyproto import client_address, host_bytes
@@ -397,6 +403,13 @@ class H2DownstreamConnection(Protocol):
         if stream.response_sent:
             self._stream_closed(stream)
 
+    def _on_trailers(self, event) -> None:
+        # END_STREAM comes with them (StreamEnded follows): they go upstream
+        # with the end of the body, if the backend's protocol has room.
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream.exchange.trailers_in = safe_trailers(event.headers) or None
+
     def _on_reset(self, event) -> None:
         stream = self._streams.pop(event.stream_id, None)
         if stream is not None:
@@ -701,6 +714,7 @@ _DISPATCH = {
     h2.events.RequestReceived: H2DownstreamConnection._on_request,
     h2.events.DataReceived: H2DownstreamConnection._on_data,
     h2.events.StreamEnded: H2DownstreamConnection._on_stream_ended,
+    h2.events.TrailersReceived: H2DownstreamConnection._on_trailers,
     h2.events.StreamReset: H2DownstreamConnection._on_reset,
     h2.events.PingAckReceived: H2DownstreamConnection._on_ping_ack,
     h2.events.ConnectionTerminated: H2DownstreamConnection._on_goaway,

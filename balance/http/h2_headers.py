@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 
+from balance.http.headers import forwarded_for
 from balance.http.message import HOP_BY_HOP, NO_BODY_STATUS, connection_tokens, valid_host
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
     "response_fields",
     "local_fields",
     "route_reply",
+    "request_fields",
+    "response_head_fields",
+    "safe_trailers",
 ]
 
 # As in HTTP/1.1 (balance.http.h1): more fields than this is a 431.
@@ -177,6 +181,7 @@ def read_request(ex, fields, max_header_bytes: int, max_body_bytes: int) -> bool
             # RFC 9113 8.2.2: "trailers" only; TE is hop-by-hop either way.
             if value.lower() != b"trailers":
                 raise RequestError(400, "te other than trailers")
+            ex.te_trailers = True
         elif kind == _EXPECT:
             if value.lower() != b"100-continue":
                 raise RequestError(417, "unsupported expect: %r" % (value,))
@@ -331,3 +336,137 @@ def route_reply(reply: bytes) -> tuple[list, bytes]:
         if name not in HOP_BY_HOP:
             out.append((name, value.strip()))
     return out, body
+
+
+# Request fields an HTTP/2 backend does not get as they came: hop-by-hop
+# ones, those Balance writes itself, and host (sent as :authority).
+_UPSTREAM_SPECIAL = HOP_BY_HOP | {
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"forwarded",
+    b"via",
+    b"expect",
+    b"host",
+}
+# Never in trailers (RFC 9110 6.5.1): framing, routing, and our own.
+_NOT_TRAILERS = _UPSTREAM_SPECIAL | {
+    b"content-length",
+    b"content-type",
+    b"content-encoding",
+    b"authorization",
+    b"set-cookie",
+    b"cookie",
+}
+
+
+def request_fields(
+    ex,
+    client_ip: bytes,
+    proto: bytes,
+    scheme: bytes,
+    cert_header: bytes | None = None,
+    subject: bytes | None = None,
+) -> list:
+    """
+    The HEADERS of the request of C{ex} for an HTTP/2 backend: the same
+    rewriting as L{balance.http.headers.request_head} (hop-by-hop fields
+    dropped, forwarding fields set, the route's edits), names lower-cased,
+    C{host} as C{:authority}, and C{te: trailers} kept when the client
+    sent it (gRPC needs it).
+
+    :param proto: C{b"http"} or C{b"https"}: how the client came in.
+    :param scheme: C{:scheme} for the backend (C{b"https"} over backend TLS).
+    """
+    route = ex.route
+    remove = route.request_remove
+    setters = route.request_set
+    tokens = ex.connection_tokens
+    target = ex.target
+    if route.rewrite is not None:
+        target = route.rewrite(target)
+    host = ex.host
+    out = [
+        (b":method", ex.method),
+        (b":scheme", scheme),
+        (b":authority", host or ex.backend.address.encode("ascii")),
+        (b":path", target),
+    ]
+    append = out.append
+    xff = forwarded = via = None
+    te = ex.te_trailers
+    for name, value in ex.headers:
+        lname = name.lower()
+        if lname in _UPSTREAM_SPECIAL:
+            if lname == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+            elif lname == b"forwarded":
+                forwarded = value if forwarded is None else forwarded + b", " + value
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
+            elif lname == b"te" and b"trailers" in value.lower():
+                te = True
+            continue
+        if (tokens and lname in tokens) or (remove and lname in remove):
+            continue
+        if setters and lname in route.request_set_names:
+            continue
+        if cert_header is not None and lname == cert_header:
+            continue
+        append((lname, value))
+    if te:
+        append((b"te", b"trailers"))
+    if subject is not None:
+        append((cert_header, subject))
+    append((b"x-forwarded-for", xff + b", " + client_ip if xff else client_ip))
+    append((b"x-forwarded-proto", proto))
+    element = b"for=" + forwarded_for(client_ip)
+    if host:
+        append((b"x-forwarded-host", host))
+        element += b';host="' + host + b'"'
+    element += b";proto=" + proto
+    append((b"forwarded", forwarded + b", " + element if forwarded else element))
+    append((b"via", via + b", " + _VIA if via else _VIA))
+    for name, value in setters:
+        append((name.lower(), value))
+    return out
+
+
+def response_head_fields(fields) -> tuple[int, list]:
+    """
+    The status and regular fields of an HTTP/2 backend's response HEADERS
+    (already checked by C{h2}).
+
+    :raise ValueError: the status is missing or not three digits.
+    """
+    status = None
+    headers = []
+    for field in fields:
+        if field[0] == b":status":
+            status = field[1]
+        elif field[0][:1] != b":":
+            headers.append(field)
+    if status is None or len(status) != 3 or not status.isdigit():
+        raise ValueError("invalid :status %r" % (status,))
+    return int(status), headers
+
+
+def safe_trailers(fields) -> list:
+    """
+    The trailer fields that may be passed on (to an HTTP/2 peer, or in the
+    last chunk of an HTTP/1.1 body): lower-case tokens with clean values,
+    no pseudo-header and nothing that frames, routes or authenticates.  A
+    list with a malformed field is dropped whole.
+    """
+    kept = [f for f in fields if f[0] not in _NOT_TRAILERS and f[0][:1] != b":"]
+    if not kept:
+        return kept
+    names = b"\n".join([f[0] for f in kept])
+    values = b"\x00".join([f[1] for f in kept])
+    if (
+        _NAMES.match(names) is None
+        or values.count(b"\x00") != len(kept) - 1
+        or _BAD_VALUES.search(values) is not None
+    ):
+        return []
+    return kept

@@ -83,6 +83,7 @@ class H2Stream:
         "_out_bytes",
         "_end",
         "_ended",
+        "_trailers",
         "_producer",
         "_producer_paused",
     )
@@ -113,6 +114,7 @@ class H2Stream:
         self._out_bytes = 0
         self._end = False
         self._ended = False
+        self._trailers = None
         self._producer = None
         self._producer_paused = False
 
@@ -141,8 +143,12 @@ class H2Stream:
         self.conn.want_to_send(self)
 
     def end_response(self, ex: Exchange) -> None:
-        """The response body is complete: END_STREAM after what is queued."""
+        """
+        The response body is complete: END_STREAM after what is queued, on
+        the backend's trailers if it sent any.
+        """
         self._end = True
+        self._trailers = ex.trailers_out
         self.conn.want_to_send(self)
 
     def send_local(
@@ -290,7 +296,7 @@ class H2Stream:
         out = self._out
         if head is not None:
             self._head = None
-            if self._end and not out:
+            if self._end and not out and self._trailers is None:
                 h2conn.send_headers(sid, head, end_stream=True)
                 self._ended = True
                 return True
@@ -311,7 +317,7 @@ class H2Stream:
                     out.popleft()
                 window -= size
                 self._out_bytes -= size
-                end = self._end and not out
+                end = self._end and not out and self._trailers is None
                 h2conn.send_data(sid, chunk, end_stream=end)
                 if end:
                     self._ended = True
@@ -323,7 +329,10 @@ class H2Stream:
         if self._end:
             if not self._ended:
                 self._ended = True
-                h2conn.end_stream(sid)
+                if self._trailers is not None:
+                    h2conn.send_headers(sid, self._trailers, end_stream=True)
+                else:
+                    h2conn.end_stream(sid)
             return True
         return True
 

@@ -86,3 +86,8 @@ def split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
     if not path.startswith(b"/"):
         path = b"/" + path
     return authority, path
+
+
+def trailer_block(fields) -> bytes:
+    """The last chunk of a chunked body, carrying C{fields} as trailers."""
+    return b"0\r\n" + b"".join([n + b": " + v + b"\r\n" for n, v in fields]) + b"\r\n"

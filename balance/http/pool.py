@@ -21,6 +21,7 @@ from __future__ import annotations
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
+from balance.http.h2_upstream import H2Pool
 from balance.http.upstream import UpstreamConnection
 
 
@@ -205,17 +206,23 @@ class PoolSet:
         self._reactor = reactor
         self._pools: dict[int, BackendPool] = {}
 
-    def get(self, backend, settings) -> BackendPool:
+    def get(self, backend, settings, h2_scheme: bytes | None = None):
         """
-        The pool of C{backend}.
+        The pool of C{backend}: a L{BackendPool}, or an
+        L{balance.http.h2_upstream.H2Pool} for an HTTP/2 cluster.
 
         :param settings: the cluster's L{balance.config.model.Pool}.
+        :param h2_scheme: for a cluster with C{upstream_protocol: h2}, the
+            C{:scheme} of its requests (C{b"http"} or C{b"https"}).
         """
         pool = self._pools.get(id(backend))
         if pool is None:
-            pool = BackendPool(
-                self._reactor, backend, settings.max_idle_per_backend, settings.idle_timeout
-            )
+            if h2_scheme is not None:
+                pool = H2Pool(self._reactor, backend, settings.idle_timeout, h2_scheme)
+            else:
+                pool = BackendPool(
+                    self._reactor, backend, settings.max_idle_per_backend, settings.idle_timeout
+                )
             self._pools[id(backend)] = pool
         return pool
 

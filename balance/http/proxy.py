@@ -1,13 +1,17 @@
 # -*- test-case-name: tests.http.test_proxy -*-
 """
-One proxied HTTP/1.1 request, from its parsed head to the end of its
+One proxied HTTP request, from its parsed head to the end of its
 response: routing, picking a backend, taking a pooled connection, streaming
 the request body up and the response down, and the error answers.
 
 An L{Exchange} is created by the downstream side for every request and
-talks to two peers: its C{downstream}, to answer the client, and the
-L{balance.http.upstream.UpstreamConnection} it borrowed (to write the
-request).  The downstream is an HTTP/1.1 connection
+talks to two peers: its C{downstream}, to answer the client, and its
+upstream, to write the request (C{send_head}, C{write_body}, C{end_body})
+and get the response: an L{balance.http.upstream.UpstreamConnection} it
+borrowed from its backend's pool, or for a cluster with
+C{upstream_protocol: h2} one stream on a shared connection
+(L{balance.http.h2_upstream.H2UpstreamStream}), which also brings
+response trailers.  The downstream is an HTTP/1.1 connection
 (L{balance.http.h1.DownstreamConnection}) or one HTTP/2 stream
 (L{balance.http.h2}): the Exchange hands it the response as a status and
 fields, body chunks and an end (C{send_response_head}, C{send_body},
@@ -36,8 +40,6 @@ from balance.http.websocket import FrameGuard, accept_matches
 from balance.observe.tracing import strip as strip_trace_headers
 from balance.ratelimit.limiter import Decision
 
-_CHUNK_END = b"\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
 _VIA = b"1.1 balance"
 
 # Large or unbounded bodies are streamed with flow control; small ones are
@@ -160,6 +162,9 @@ class Exchange:
         "keep_alive",
         "chunked_in",
         "te_value",
+        "te_trailers",
+        "trailers_in",
+        "trailers_out",
         "content_length",
         "expect_continue",
         "body",
@@ -211,6 +216,12 @@ class Exchange:
         self.keep_alive = True
         self.chunked_in = False
         self.te_value = b""
+        # The client sent "te: trailers" (an HTTP/2 backend gets it).
+        self.te_trailers = False
+        # Request trailers (from an HTTP/2 client) and response trailers
+        # (from an HTTP/2 backend), checked: see h2_headers.safe_trailers.
+        self.trailers_in = None
+        self.trailers_out = None
         self.content_length = 0
         self.expect_continue = False
         self.body = []
@@ -334,6 +345,10 @@ class Exchange:
             # A reload removed it between this connection's routing and now.
             self.fail(503, "cluster %s no longer configured" % route.cluster)
             return
+        if self.upgrade is not None and cluster.h2_scheme is not None:
+            # RFC 8441 (WebSocket over HTTP/2) is not offered to backends.
+            self.fail(502, "WebSocket upgrade to an upstream_protocol h2 cluster")
+            return
         if not cluster.breakers.try_acquire_request():
             self.fail(503, "circuit breaker open (max_requests)")
             return
@@ -400,7 +415,7 @@ class Exchange:
                     self.deadline = deadline
                     down.arm(deadline)
         model = cluster.model
-        self.pool = down.ctx.pools.get(backend, model.pool)
+        self.pool = down.ctx.pools.get(backend, model.pool, cluster.h2_scheme)
         if model.send_proxy_protocol is not None:
             self.proxy_header = down.ctx.proxy_header(down, model.send_proxy_protocol)
         # An upgrade goes on a fresh connection, which becomes the tunnel's.
@@ -609,10 +624,10 @@ class Exchange:
         ctx = self.downstream.ctx
         if self.cluster.measures_latency or ctx.access_log is not None or ctx.tracer is not None:
             self.t_sent = ctx.reactor.seconds()
-        conn.write(self.downstream.ctx.request_head(self))
+        conn.send_head(self)
         if self.body:
             for chunk in self.body:
-                self._write_body(conn, chunk)
+                conn.write_body(self, chunk)
             self.body = []
         if self.request_done:
             self._end_body(conn)
@@ -637,7 +652,7 @@ class Exchange:
         if conn is None:
             self.body.append(chunk)
         elif not self.response_done:
-            self._write_body(conn, chunk)
+            conn.write_body(self, chunk)
             conn.flush()
 
     def request_complete(self) -> None:
@@ -650,17 +665,8 @@ class Exchange:
         if self.response_done:
             self.downstream.exchange_done(self)
 
-    def _write_body(self, conn, chunk: bytes) -> None:
-        if self.chunked_in:
-            conn.write(b"%x\r\n" % len(chunk))
-            conn.write(chunk)
-            conn.write(_CHUNK_END)
-        else:
-            conn.write(chunk)
-
     def _end_body(self, conn) -> None:
-        if self.chunked_in:
-            conn.write(_LAST_CHUNK)
+        conn.end_body(self)
         if self._streaming_up:
             self._stop_streaming_up(conn)
         self._body_sent = True
@@ -747,6 +753,15 @@ class Exchange:
         if not self._streaming_down and self.response_bytes > _STREAM_THRESHOLD:
             self._stream_down(self.upstream)
 
+    def response_trailers(self, conn, fields) -> None:
+        """
+        The backend's response trailers (HTTP/2 backends), checked, passed
+        on as the downstream can: HEADERS for HTTP/2, the last chunk of a
+        chunked HTTP/1.1 body, else dropped.
+        """
+        if conn is self.upstream and fields:
+            self.trailers_out = fields
+
     def response_complete(self, conn, keep_alive: bool) -> None:
         """The backend's response is complete."""
         if conn is not self.upstream:
@@ -831,6 +846,15 @@ class Exchange:
         if conn is not self.upstream:
             return
         self._detach(conn)
+        unsent = conn.unsent
+        if unsent is not None and not self.response_started and self.attempts < 3:
+            # An HTTP/2 backend refused the stream (REFUSED_STREAM, or above
+            # its GOAWAY's last stream): nothing of it was processed, and
+            # its body is at hand, so it goes again on another connection.
+            self.body = unsent + self.body
+            self._body_sent = False
+            self._connect()
+            return
         if (
             conn.reused
             and not self.response_started

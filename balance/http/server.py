@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from balance.acl import CidrMatcher
 from balance.cluster.retry import RetryBudget, RetryPolicy
 from balance.config import model
-from balance.http import headers
+from balance.http import h2_headers, headers
 from balance.http.h1 import DownstreamConnection
 from balance.http.router import Router
 from balance.http.sniff import HTTPProtocols
@@ -188,6 +188,15 @@ class HTTPContext:
                 version, client_address(transport), server_address(transport)
             )
         return header
+
+    def request_fields(self, ex, scheme: bytes) -> list:
+        """The request HEADERS for an HTTP/2 backend; see L{h2_headers.request_fields}."""
+        down = ex.downstream
+        if self.cert_header is None:
+            return h2_headers.request_fields(ex, down.client_ip, self.proto, scheme)
+        return h2_headers.request_fields(
+            ex, down.client_ip, self.proto, scheme, self.cert_header, client_subject(down)
+        )
 
     def response_head(
         self, ex, status: int, phrase: bytes, response_headers, set_cookie: bytes | None = None

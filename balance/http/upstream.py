@@ -18,8 +18,11 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from balance import _io
+from balance.http.message import trailer_block
 
 _HEAD_END = b"\r\n\r\n"
+_CHUNK_END = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
 _MAX_HEAD = 64 * 1024
 
 
@@ -66,6 +69,10 @@ class UpstreamConnection(Protocol):
         "breakers",
         "proxy_header",
     )
+
+    #: Set by HTTP/2 streams the backend refused (see
+    #: L{balance.http.h2_upstream}); an HTTP/1.1 connection never knows.
+    unsent = None
 
     def __init__(self, pool):
         self.pool = pool
@@ -189,6 +196,26 @@ class UpstreamConnection(Protocol):
         self.exchange = exchange
         self._reset()
         self._head_only = head_only
+
+    def send_head(self, ex) -> None:
+        """Queue the request head of C{ex}; L{flush} sends it."""
+        self._wbuf.append(ex.downstream.ctx.request_head(ex))
+
+    def write_body(self, ex, chunk: bytes) -> None:
+        """Queue a piece of the request body, chunked if its head said so."""
+        if ex.chunked_in:
+            self._wbuf += (b"%x\r\n" % len(chunk), chunk, _CHUNK_END)
+        else:
+            self._wbuf.append(chunk)
+
+    def end_body(self, ex) -> None:
+        """The request body is complete: the last chunk, with its trailers."""
+        if ex.chunked_in:
+            trailers = ex.trailers_in
+            if trailers:
+                self._wbuf.append(trailer_block(trailers))
+            else:
+                self._wbuf.append(_LAST_CHUNK)
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the backend; L{flush} sends them."""

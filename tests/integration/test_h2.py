@@ -79,6 +79,7 @@ class H2TestCase(TestCase):
             factory.wrappedFactory = _H2Factory(factory.wrappedFactory.context)
         service.startService()
         self.addCleanup(service.stopService)
+        self.service = service
         return listener.port.getHost().port
 
     async def tool(self, tool: str, *args: str) -> str:

@@ -1,0 +1,143 @@
+# -*- test-case-name: tests.integration.test_grpc -*-
+"""
+gRPC through Balance: a real grpcio server and a real grpcio client, each
+in a process of its own (L{tests.integration.grpc_peer}), the client
+speaking h2c with prior knowledge to an http listener whose cluster has
+C{upstream_protocol: h2}.  Unary and server-streaming calls go through,
+and a non-OK status with its details comes back in the trailers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest
+
+from tests.integration.test_h2 import H2TestCase
+
+_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpc_peer.py")
+
+
+def _need_grpc() -> None:
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            raise
+        raise SkipTest("grpcio is not installed (pip install grpcio)") from None
+
+
+class _Client(ProcessProtocol):
+    """The drain client: says "first" mid-call, prints JSON at the end."""
+
+    def __init__(self):
+        self.first = Deferred()
+        self.ended = Deferred()
+        self.out = b""
+
+    def outReceived(self, data):
+        self.out += data
+        if b"first\n" in self.out and not self.first.called:
+            self.first.callback(None)
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+class _Server(ProcessProtocol):
+    """The gRPC server process: its port comes on its first stdout line."""
+
+    def __init__(self):
+        self.port = Deferred()
+        self.ended = Deferred()
+        self._out = b""
+
+    def outReceived(self, data):
+        self._out += data
+        if b"\n" in self._out and not self.port.called:
+            self.port.callback(int(self._out.split(b"\n", 1)[0]))
+
+    def processEnded(self, reason):
+        if not self.port.called:
+            self.port.errback(reason)
+        self.ended.callback(None)
+
+
+class GRPCTests(H2TestCase):
+    async def setUp(self):
+        _need_grpc()
+        server = _Server()
+        process = reactor.spawnProcess(
+            server, sys.executable, [sys.executable, _PEER, "server"], env=os.environ
+        )
+
+        async def stop():
+            # By its PID, then wait for it to be gone.
+            if process.pid is not None:
+                process.signalProcess("KILL")
+            await server.ended
+
+        self.addCleanup(stop)
+        port = await server.port
+        self.port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                cluster: grpc
+            clusters:
+              - name: grpc
+                upstream_protocol: h2
+                backends: ["127.0.0.1:{port}"]
+                health_check: {{type: tcp, interval: 1s}}
+            """
+        )
+
+    async def test_calls(self):
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            [_PEER, "client", f"127.0.0.1:{self.port}"],
+            env=os.environ,
+            reactor=reactor,
+        )
+        self.assertEqual(code, 0, err.decode("utf-8", "replace"))
+        results = json.loads(out)
+        self.assertEqual(results["unary"], "olleh")
+        self.assertEqual(results["unary_code"], "OK")
+        self.assertEqual(results["stream"], ["item-%d" % i for i in range(5)])
+        self.assertEqual(results["big"], 1_000_000)
+        self.assertEqual(results["error_code"], "NOT_FOUND")
+        self.assertEqual(results["error_details"], "no such thing")
+
+    async def test_graceful_goaway_on_drain(self):
+        """
+        Draining an HTTP/2 connection (as a drain or a reload that removes
+        its listener does) lets the call in flight finish; the client's
+        next call goes on a new connection, which it opens by itself.
+        """
+        client = _Client()
+        process = reactor.spawnProcess(
+            client,
+            sys.executable,
+            [sys.executable, _PEER, "drain", f"127.0.0.1:{self.port}"],
+            env=os.environ,
+        )
+        self.addCleanup(lambda: client.ended)
+        self.addCleanup(lambda: process.pid is not None and process.signalProcess("KILL"))
+        await client.first
+        context = self.service.listeners.getServiceNamed("web").factory.context
+        [conn] = list(context.connections)
+        conn.drain()
+        process.write(b"go\n")
+        self.assertEqual(await client.ended, 0)
+        results = json.loads(client.out.split(b"first\n", 1)[1])
+        self.assertEqual(results["stream"], ["item-%d" % i for i in range(5)])
+        self.assertEqual(results["after"], "niaga")
+        self.assertEqual(context.listener_metrics.connections_total, 2)
+        self.assertNotIn(conn, context.connections)
