@@ -40,6 +40,20 @@ class _Stop(Exception):
     """Raised from a parser callback to stop parsing a closing connection."""
 
 
+def _codings(te: bytes) -> bytes:
+    """
+    The Transfer-Encoding to send upstream for a request's C{te}, which the
+    parser found to end in chunked: one canonical spelling, so that no
+    backend reads C{CHUNKED}, C{chunked ,} or C{identity, chunked}
+    differently.  Chunked twice is refused (RFC 9112 6.1).
+    """
+    codings = [c.strip().lower() for c in te.split(b",")]
+    codings = [c for c in codings if c and c != b"identity"]
+    if codings.count(b"chunked") != 1 or codings[-1] != b"chunked":
+        raise _Reject(400, "invalid Transfer-Encoding: %r" % (te,))
+    return b", ".join(codings)
+
+
 _TIMER_HEAD = 1  # waiting for (the rest of) a request head
 _TIMER_IDLE = 2  # keep-alive, between requests
 
@@ -355,7 +369,7 @@ class DownstreamConnection(Protocol):
             if not ex.http11:
                 raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
             ex.chunked_in = True
-            ex.te_value = te
+            ex.te_value = _codings(te)
             self._body_mark = -1
         elif length is not None:
             ex.content_length = int(length)
