@@ -162,7 +162,7 @@ class FramingTests(AdversarialCase):
         request = await self.assert_refused_or_one(
             POST
             + b"Transfer-Encoding: chunked\r\n\r\n"
-            + b"5;name=value;quoted=\"a;b\"\r\nhello\r\n0;last\r\n\r\n",
+            + b'5;name=value;quoted="a;b"\r\nhello\r\n0;last\r\n\r\n',
             body=b"hello",
         )
         self.assertIsNotNone(request)
@@ -171,7 +171,10 @@ class FramingTests(AdversarialCase):
         """A chunk extension longer than max_header_bytes is refused (431/400)."""
         before = len(self.backend.requests())
         responses, raw, closed = await self.send(
-            POST + b"Transfer-Encoding: chunked\r\n\r\n5;" + b"x" * 300_000 + b"\r\nhello\r\n0\r\n\r\n"
+            POST
+            + b"Transfer-Encoding: chunked\r\n\r\n5;"
+            + b"x" * 300_000
+            + b"\r\nhello\r\n0\r\n\r\n"
         )
         self.assertIn([r.status for r in responses], ([431], [400]), raw[:100])
         self.assertTrue(closed)
@@ -210,7 +213,9 @@ class SyntaxTests(AdversarialCase):
         """A folded header line (obs-fold): 400, never unfolded or passed on."""
         for fold in (b" ", b"\t"):
             await self.assert_refused(
-                b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n" + fold + b"Transfer-Encoding: chunked\r\n\r\n"
+                b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n"
+                + fold
+                + b"Transfer-Encoding: chunked\r\n\r\n"
             )
         await self.assert_refused(
             POST + b"Content-Length: 5\r\n Transfer-Encoding: chunked\r\n\r\nhello"
@@ -228,7 +233,7 @@ class SyntaxTests(AdversarialCase):
             b"X\x7f: a",
             b"X\x01Y: a",
             b"X Y: a",
-            b"X\"Y: a",
+            b'X"Y: a',
             b": a",
             b"\x00",
         ):
