@@ -66,6 +66,14 @@ class ListenerService(StreamServerEndpointService):
 
     def _listening(self, port):
         self.port = port
+        logger = getattr(port, "_logger", None)
+        if isinstance(logger, Logger):
+            # Twisted logs three lines per connection it must close while
+            # the process is out of descriptors: a flood at the worst time.
+            port._logger = Logger(
+                namespace=logger.namespace,
+                observer=_AcceptErrorLog(logger.observer, self.description, self._reactor),
+            )
         return port
 
     def stopService(self) -> Deferred:
@@ -112,3 +120,35 @@ class ListenerService(StreamServerEndpointService):
         self.log.failure(
             "stopping listener {description} failed", reason, description=self.description
         )
+
+
+class _AcceptErrorLog:
+    """
+    The log observer of a listening port: events about connections refused
+    for want of file descriptors (EMFILE and the like) become one warning
+    per episode; an episode ends after C{quiet} seconds without such an
+    event.  Other events pass through.
+    """
+
+    log = Logger()
+
+    def __init__(self, observer, description: str, clock, quiet: float = 60.0):
+        self.observer = observer
+        self.description = description
+        self.clock = clock
+        self.quiet = quiet
+        self.last = None
+
+    def __call__(self, event) -> None:
+        text = event.get("log_format") or ""
+        if "EMFILE" not in text and "Could not accept" not in text:
+            self.observer(event)
+            return
+        now = self.clock.seconds()
+        if self.last is None or now - self.last >= self.quiet:
+            self.log.warn(
+                "listener {description}: out of file descriptors (raise the open files "
+                "limit?); new connections are closed at once until some are freed",
+                description=self.description,
+            )
+        self.last = now
