@@ -11,6 +11,21 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
+#: The listen(2) backlog when the endpoint string gives none.  Twisted's
+#: default of 50 overflows under a burst of connections: the kernel then
+#: drops SYNs (a client waits a second or more to retry) or, worse, the
+#: final ACK, leaving clients that believe they are connected.  Linux caps
+#: it at net.core.somaxconn.
+BACKLOG = 1024
+
+
+def _with_backlog(description: str) -> str:
+    """C{description} with C{backlog=BACKLOG} when it is a tcp, tcp6 or unix one without."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={BACKLOG}"
+    return description
+
 
 class ListenerService(StreamServerEndpointService):
     """
@@ -45,7 +60,7 @@ class ListenerService(StreamServerEndpointService):
 
         @raise ValueError: If C{description} is not a valid endpoint string.
         """
-        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        super().__init__(endpoints.serverFromString(reactor, _with_backlog(description)), factory)
         self._raiseSynchronously = True
         self.description = description
         self.port = None

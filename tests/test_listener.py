@@ -198,3 +198,27 @@ class AcceptErrorLogTests(TestCase):
         self.assertEqual(len(warnings), 2)
         log({"log_format": "something else"})
         self.assertEqual(passed, [{"log_format": "something else"}])
+
+
+class BacklogTests(TestCase):
+    """Listeners get a real backlog unless the endpoint string sets one."""
+
+    def test_default_backlog(self):
+        from balance.listener import BACKLOG, _with_backlog
+
+        self.assertEqual(_with_backlog("tcp:80"), f"tcp:80:backlog={BACKLOG}")
+        self.assertEqual(
+            _with_backlog("tcp6:80:interface=\\:\\:1"), f"tcp6:80:interface=\\:\\:1:backlog={BACKLOG}"
+        )
+        self.assertEqual(_with_backlog("unix:/run/b.sock"), f"unix:/run/b.sock:backlog={BACKLOG}")
+        self.assertEqual(_with_backlog("tcp:80:backlog=5"), "tcp:80:backlog=5")
+        self.assertEqual(_with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+
+    def test_listening_socket_backlog(self):
+        """The port is bound with that backlog."""
+        from balance.listener import BACKLOG
+
+        service = ListenerService("tcp:0:interface=127.0.0.1", Factory(), reactor, 1)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(service.port.backlog, BACKLOG)
