@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-from twisted.internet import reactor, threads
+from twisted.internet import reactor, task, threads
 from twisted.trial.unittest import TestCase
 
 from tests.helpers import free_port, port_open, wait_for
@@ -174,3 +174,117 @@ whoami:
 
         after = await threads.deferToThread(fresh)
         self.assertIn(b" 200 ", after.split(b"\r\n")[0])
+
+
+class MemoryTests(ChildTestCase):
+    """Memory stays bounded with many idle connections and a huge upload."""
+
+    IDLE = int(os.environ.get("BALANCE_IDLE_CONNECTIONS", 2000 if CI else 10000))
+    UPLOAD_MB = int(os.environ.get("BALANCE_UPLOAD_MB", 128 if CI else 256))
+
+    def balance_config(self, port: int, backend: int) -> str:
+        return self.config(
+            f"""
+drain_timeout: 1s
+listeners:
+  - name: web
+    listen: "tcp:{port}:interface=127.0.0.1"
+    cluster: app
+    limits: {{max_body_bytes: 4GiB}}
+    timeouts: {{handshake: 120s, idle: 120s}}
+clusters:
+  - {{name: app, backends: ["127.0.0.1:{backend}"]}}
+"""
+        )
+
+    async def test_idle_connections(self):
+        """
+        Thousands of idle connections cost a bounded, small amount each
+        (printed: the per-connection bytes measured).
+        """
+        port = free_port()
+        proc = await self.start(self.balance_config(port, free_port()), port)
+        before_fds, before = open_fds(proc.pid), rss_bytes(proc.pid)
+        held = []
+        self.addCleanup(lambda: [s.close() for s in held])
+
+        def connect_all():
+            for _ in range(self.IDLE):
+                s = socket.socket()
+                s.setblocking(False)
+                s.connect_ex(("127.0.0.1", port))
+                held.append(s)
+
+        await threads.deferToThread(connect_all)
+        await wait_for(
+            lambda: open_fds(proc.pid) >= before_fds + self.IDLE, 60, "connections accepted"
+        )
+        per = (rss_bytes(proc.pid) - before) / self.IDLE
+        print(f"\n{self.IDLE} idle connections: {per:.0f} bytes each")
+        self.assertLess(per, 8 * 1024)
+        share = await self.cpu_over(proc.pid, 1.0)
+        self.assertLess(share, 0.2, "idle connections cost CPU")
+
+    async def test_upload_to_slow_backend(self):
+        """
+        A large upload to a backend slower than the client: Balance stops
+        reading from the client while the backend is behind, so its memory
+        stays bounded, and every byte arrives.
+        """
+        size = self.UPLOAD_MB << 20
+        backend = socket.socket()
+        backend.bind(("127.0.0.1", 0))
+        backend.listen(1)
+        self.addCleanup(backend.close)
+        port = free_port()
+        proc = await self.start(self.balance_config(port, backend.getsockname()[1]), port)
+        before = rss_bytes(proc.pid)
+
+        def slow_backend():
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(30)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                got = len(data) - data.index(b"\r\n\r\n") - 4
+                while got < size:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                    # About 200 MB/s at most: slower than the client.
+                    time.sleep(0.0003)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                return got
+
+        def client():
+            chunk = b"u" * (1 << 20)
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+                for _ in range(self.UPLOAD_MB):
+                    s.sendall(chunk)
+                return s.recv(65536)
+
+        peak = [before]
+
+        def sample():
+            peak[0] = max(peak[0], rss_bytes(proc.pid))
+
+        sampler = task.LoopingCall(sample)
+        sampler.start(0.01)
+        self.addCleanup(lambda: sampler.running and sampler.stop())
+        received = threads.deferToThread(slow_backend)
+        start = time.monotonic()
+        answer = await threads.deferToThread(client)
+        got = await received
+        elapsed = time.monotonic() - start
+        sampler.stop()
+        peak = peak[0] - before
+        print(
+            f"\n{self.UPLOAD_MB} MiB upload in {elapsed:.1f}s; "
+            f"Balance peak RSS growth {peak / 2**20:.2f} MiB (RSS before {before / 2**20:.1f} MiB)"
+        )
+        self.assertEqual(got, size)
+        self.assertIn(b" 200 ", answer.split(b"\r\n")[0])
+        self.assertLess(peak, 48 << 20)
