@@ -11,6 +11,21 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
+#: The listen(2) backlog when the endpoint string gives none.  Twisted's
+#: default of 50 overflows under a burst of connections: the kernel then
+#: drops SYNs (a client waits a second or more to retry) or, worse, the
+#: final ACK, leaving clients that believe they are connected.  Linux caps
+#: it at net.core.somaxconn.
+BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """C{description} with C{backlog=BACKLOG} when it is a tcp, tcp6 or unix one without."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={BACKLOG}"
+    return description
+
 
 class ListenerService(StreamServerEndpointService):
     """
@@ -48,7 +63,7 @@ class ListenerService(StreamServerEndpointService):
         @raise ValueError: If C{description} is not a valid endpoint string.
         """
         if endpoint is None:
-            endpoint = endpoints.serverFromString(reactor, description)
+            endpoint = endpoints.serverFromString(reactor, with_backlog(description))
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.description = description
@@ -70,6 +85,14 @@ class ListenerService(StreamServerEndpointService):
 
     def _listening(self, port):
         self.port = port
+        logger = getattr(port, "_logger", None)
+        if isinstance(logger, Logger):
+            # Twisted logs three lines per connection it must close while
+            # the process is out of descriptors: a flood at the worst time.
+            port._logger = Logger(
+                namespace=logger.namespace,
+                observer=_AcceptErrorLog(logger.observer, self.description, self._reactor),
+            )
         return port
 
     def stopService(self) -> Deferred:
@@ -116,3 +139,35 @@ class ListenerService(StreamServerEndpointService):
         self.log.failure(
             "stopping listener {description} failed", reason, description=self.description
         )
+
+
+class _AcceptErrorLog:
+    """
+    The log observer of a listening port: events about connections refused
+    for want of file descriptors (EMFILE and the like) become one warning
+    per episode; an episode ends after C{quiet} seconds without such an
+    event.  Other events pass through.
+    """
+
+    log = Logger()
+
+    def __init__(self, observer, description: str, clock, quiet: float = 60.0):
+        self.observer = observer
+        self.description = description
+        self.clock = clock
+        self.quiet = quiet
+        self.last = None
+
+    def __call__(self, event) -> None:
+        text = event.get("log_format") or ""
+        if "EMFILE" not in text and "Could not accept" not in text:
+            self.observer(event)
+            return
+        now = self.clock.seconds()
+        if self.last is None or now - self.last >= self.quiet:
+            self.log.warn(
+                "listener {description}: out of file descriptors (raise the open files "
+                "limit?); new connections are closed at once until some are freed",
+                description=self.description,
+            )
+        self.last = now

@@ -51,7 +51,7 @@ from balance.admin.resource import AdminResource
 from balance.admin.service import AdminService
 from balance.config import model
 from balance.config.validate import ConfigError, load_config
-from balance.listener import ListenerService
+from balance.listener import ListenerService, with_backlog
 from balance.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from balance.reload import diff, socket_changes
 from balance.sdnotify import notify
@@ -252,7 +252,7 @@ class WorkerGroup(MultiService):
         if self.ports:
             return
         for listener in self.config.listeners:
-            endpoint = endpoints.serverFromString(self.reactor, listener.listen)
+            endpoint = endpoints.serverFromString(self.reactor, with_backlog(listener.listen))
             port = _listen_now(endpoint)
             # The workers accept; the parent only keeps the socket.
             port.stopReading()

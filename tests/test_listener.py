@@ -166,3 +166,59 @@ class DrainTests(TestCase):
             warnings,
             [f"listener {LOCAL} did not drain within 0.2s; aborting 1 connections"],
         )
+
+
+class AcceptErrorLogTests(TestCase):
+    """Connections refused for want of descriptors are logged once per episode."""
+
+    def test_once_per_episode(self):
+        from twisted.internet.task import Clock
+        from twisted.logger import globalLogPublisher
+
+        from balance.listener import _AcceptErrorLog
+
+        clock = Clock()
+        passed, warnings = [], []
+
+        def capture(event):
+            if "out of file descriptors" in (event.get("log_format") or ""):
+                warnings.append(event)
+
+        globalLogPublisher.addObserver(capture)
+        self.addCleanup(globalLogPublisher.removeObserver, capture)
+        log = _AcceptErrorLog(passed.append, "tcp:80", clock, quiet=60)
+        emfile = {"log_format": "EMFILE recovery: Closed socket from {address}"}
+        for _ in range(500):
+            log(emfile)
+            clock.advance(0.01)
+        log({"log_format": "Could not accept new connection ({acceptError})"})
+        self.assertEqual(len(warnings), 1)
+        clock.advance(61)
+        log(emfile)
+        self.assertEqual(len(warnings), 2)
+        log({"log_format": "something else"})
+        self.assertEqual(passed, [{"log_format": "something else"}])
+
+
+class BacklogTests(TestCase):
+    """Listeners get a real backlog unless the endpoint string sets one."""
+
+    def test_default_backlog(self):
+        from balance.listener import BACKLOG, with_backlog
+
+        self.assertEqual(with_backlog("tcp:80"), f"tcp:80:backlog={BACKLOG}")
+        self.assertEqual(
+            with_backlog("tcp6:80:interface=\\:\\:1"), f"tcp6:80:interface=\\:\\:1:backlog={BACKLOG}"
+        )
+        self.assertEqual(with_backlog("unix:/run/b.sock"), f"unix:/run/b.sock:backlog={BACKLOG}")
+        self.assertEqual(with_backlog("tcp:80:backlog=5"), "tcp:80:backlog=5")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")
+
+    def test_listening_socket_backlog(self):
+        """The port is bound with that backlog."""
+        from balance.listener import BACKLOG
+
+        service = ListenerService("tcp:0:interface=127.0.0.1", Factory(), reactor, 1)
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(service.port.backlog, BACKLOG)

@@ -69,7 +69,11 @@ def describe(value) -> str:
 def join(path: str, key) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
-    return f"{path}.{key}" if path else str(key)
+    key = str(key)
+    if not key.isprintable() or key != key.strip() or not key:
+        # Quoted, so that an error stays one readable line.
+        key = json.dumps(key)
+    return f"{path}.{key}" if path else key
 
 
 # -- scalar fields -----------------------------------------------------------

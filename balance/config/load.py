@@ -62,7 +62,29 @@ def _line(node) -> int:
     return node.start_mark.line + 1
 
 
+# Aliases are expanded into copies, so a few lines can stand for billions
+# of values ("billion laughs"): beyond this many, the file is refused.
+_MAX_VALUES = 100_000
+
+
 def _construct(constructor: yaml.constructor.SafeConstructor, node):
+    constructor.values_left -= 1
+    if constructor.values_left < 0:
+        raise ConfigSyntaxError(
+            "", _line(node), f"more than {_MAX_VALUES} values (aliases expanding without bound?)"
+        )
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if node in constructor.building:
+            raise ConfigSyntaxError("", _line(node), "an alias refers to a collection it is in")
+        constructor.building.append(node)
+        try:
+            return _collection(constructor, node)
+        finally:
+            constructor.building.pop()
+    return constructor.construct_object(node, deep=True)
+
+
+def _collection(constructor: yaml.constructor.SafeConstructor, node):
     if isinstance(node, yaml.MappingNode):
         constructor.flatten_mapping(node)
         result = MarkedDict()
@@ -78,14 +100,12 @@ def _construct(constructor: yaml.constructor.SafeConstructor, node):
             result[key] = _construct(constructor, value_node)
             result.key_lines[key] = _line(key_node)
         return result
-    if isinstance(node, yaml.SequenceNode):
-        result = MarkedList()
-        result.line = _line(node)
-        for item_node in node.value:
-            result.append(_construct(constructor, item_node))
-            result.item_lines.append(_line(item_node))
-        return result
-    return constructor.construct_object(node, deep=True)
+    result = MarkedList()
+    result.line = _line(node)
+    for item_node in node.value:
+        result.append(_construct(constructor, item_node))
+        result.item_lines.append(_line(item_node))
+    return result
 
 
 def load_text(text: str, path: str = "<string>"):
@@ -96,7 +116,14 @@ def load_text(text: str, path: str = "<string>"):
         for an empty document).
     @raise ConfigSyntaxError: If the text is not YAML.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader checks the characters here already.
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigSyntaxError(path, line, f"invalid YAML: {e.reason}") from None
+    loader.values_left = _MAX_VALUES
+    loader.building = []
     try:
         node = loader.get_single_node()
         if node is None:
@@ -110,7 +137,10 @@ def load_text(text: str, path: str = "<string>"):
         what = " ".join(p for p in (e.context, e.problem) if p)
         raise ConfigSyntaxError(path, line, f"invalid YAML: {what}") from None
     except yaml.YAMLError as e:
-        raise ConfigSyntaxError(path, 0, f"invalid YAML: {e}") from None
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigSyntaxError(path, 0, f"invalid YAML: {what}") from None
+    except RecursionError:
+        raise ConfigSyntaxError(path, 0, "invalid YAML: nested too deeply") from None
     finally:
         loader.dispose()
 

@@ -42,6 +42,20 @@ class _Stop(Exception):
     """Raised from a parser callback to stop parsing a closing connection."""
 
 
+def _codings(te: bytes) -> bytes:
+    """
+    The Transfer-Encoding to send upstream for a request's C{te}, which the
+    parser found to end in chunked: one canonical spelling, so that no
+    backend reads C{CHUNKED}, C{chunked ,} or C{identity, chunked}
+    differently.  Chunked twice is refused (RFC 9112 6.1).
+    """
+    codings = [c.strip().lower() for c in te.split(b",")]
+    codings = [c for c in codings if c and c != b"identity"]
+    if codings.count(b"chunked") != 1 or codings[-1] != b"chunked":
+        raise _Reject(400, "invalid Transfer-Encoding: %r" % (te,))
+    return b", ".join(codings)
+
+
 _TIMER_HEAD = 1  # waiting for (the rest of) a request head
 _TIMER_IDLE = 2  # keep-alive, between requests
 
@@ -431,13 +445,15 @@ class DownstreamConnection(Protocol):
             if not ex.http11:
                 raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
             ex.chunked_in = True
-            ex.te_value = te
+            ex.te_value = _codings(te)
             self._body_mark = -1
         elif length is not None:
             ex.content_length = int(length)
             if ex.content_length > ctx.max_body_bytes:
                 raise _Reject(413, "Content-Length above max_body_bytes")
-        if upgrade is not None and websocket.is_websocket(upgrade):
+        if upgrading and upgrade is not None and websocket.is_websocket(upgrade):
+            # Only with "Connection: upgrade" (RFC 9110 7.8): a bare Upgrade
+            # field is hop-by-hop noise, dropped, and the request served.
             ex.upgrade = upgrade
             error = websocket.handshake_error(ex)
             if error is not None:

@@ -51,15 +51,24 @@ def valid_host(value: bytes) -> bool:
     return _HOST.match(value) is not None
 
 
+# Fields a peer may name in Connection that must still be forwarded: without
+# them the next hop would lose the request's authority, or its body framing
+# (the body of "Connection: content-length" would be read as a next request).
+_END_TO_END = frozenset({b"host", b"content-length"})
+
+
 def connection_tokens(values: list[bytes]) -> set[bytes]:
-    """The lower-cased tokens of the C{Connection} header values."""
+    """
+    The lower-cased tokens of the C{Connection} header values: the fields to
+    drop with it, except C{Host} and C{Content-Length}, never dropped.
+    """
     tokens = set()
     for value in values:
         for token in value.split(b","):
             token = token.strip().lower()
             if token:
                 tokens.add(token)
-    return tokens
+    return tokens - _END_TO_END
 
 
 def split_absolute(target: bytes) -> tuple[bytes, bytes] | None:

@@ -902,16 +902,26 @@ class Exchange:
         self.reason = "timeout waiting for %s" % (
             self.backend.address if self.backend is not None else "a backend"
         )
+        # Still waiting for the client's body (the backend taking it as it
+        # comes), or for the client to read the response: its delay, not the
+        # backend's.  Blaming the backend would let slow clients open its
+        # breaker and eject it for everyone.
+        slow_body = not self.request_done and not self.downstream.upstream_full
+        client_slow = slow_body or (conn is not None and conn.client_full)
+        if slow_body:
+            self.reason = "request body not received in time"
+        elif client_slow:
+            self.reason = "client did not read the response in time"
         if conn is not None:
             self._detach(conn)
             conn.abort()
-        self._end_try(Outcome.TIMEOUT)
+        self._end_try(None if client_slow else Outcome.TIMEOUT)
         if self.response_started:
             self.response_done = True
             self._end()
             self.downstream.abort()
             return
-        self.fail(504, self.reason)
+        self.fail(408 if slow_body else 504, self.reason)
 
     def abandon(self) -> None:
         """

@@ -16,6 +16,7 @@ C{routes}.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from attrs import frozen
@@ -29,6 +30,7 @@ _HANDSHAKE = 0x16
 _CLIENT_HELLO = 0x01
 _EXT_SERVER_NAME = 0x0000
 _EXT_ALPN = 0x0010
+_HOST_NAME = re.compile(rb"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 
 
 @frozen
@@ -99,10 +101,12 @@ def _server_name(ext: _Reader) -> str | None:
         kind = names.uint(1)
         name = names.vector(2)
         if kind == 0:
-            raw = name.take(name.remaining)
-            if not raw or not raw.isascii():
+            raw = name.take(name.remaining).lower().rstrip(b".")
+            # A host name (RFC 6066 3): nothing else may reach routing and
+            # log lines (a "\n" in a name would forge one).
+            if _HOST_NAME.fullmatch(raw) is None:
                 raise _Malformed("bad server name")
-            return raw.decode("ascii").lower().rstrip(".")
+            return raw.decode("ascii")
     return None
 
 

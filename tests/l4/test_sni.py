@@ -126,6 +126,18 @@ class ParserTests(SynchronousTestCase):
         self.assertIsInstance(ClientHelloParser().feed(b"\x16\x03\x01\x00\x02\x01\x00\x15\x03"),
                               NotTLS)
 
+    def test_server_name_not_a_host_name(self):
+        """
+        A server name that is no host name (control bytes, a line break that
+        would forge a log line, punctuation, only dots) is malformed.
+        """
+        for name in (b"a\nb.example", b"a;b", b"a b", b"x\x01", b".", b"a..b", b"a/b"):
+            self.assertIsInstance(ClientHelloParser().feed(client_hello(name)), NotTLS, name)
+        self.assertEqual(
+            ClientHelloParser().feed(client_hello(b"Xn--Bcher-Kva.Example.")),
+            ClientHello("xn--bcher-kva.example"),
+        )
+
     def test_malformed(self):
         """Truncated vectors inside a complete message are "not TLS", not an exception."""
         body = client_hello()[9:]
