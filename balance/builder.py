@@ -105,7 +105,7 @@ class Builder:
         if listener.protocol == "http":
             factory = HTTPFactory(self.context(root, listener))
         else:
-            factory = L4ProxyFactory(listener, root.clusters, reactor)
+            factory = L4ProxyFactory(listener, root.clusters, reactor, metrics=root.metrics)
         tls = None
         if listener.tls is not None:
             # Beside its listener, before it: the listener stops (and drains)

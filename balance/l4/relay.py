@@ -23,6 +23,12 @@ Half-closes are passed on: when one side shuts down its write half, the other
 side's write half is shut down after what is buffered, while bytes keep
 flowing the other way.  When both have finished, or either goes away, both
 are closed.
+
+On Linux, once the backend is connected, a plain TCP tunnel (no TLS on
+either side) is handed to L{balance.l4.splice}, which moves the bytes with
+C{splice(2)} in the kernel with the same flow control, half-close and idle
+timeout; the producer/consumer relay above is the fallback
+(L{L4ProxyFactory.splice} switches the fast path off).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from balance.acl import CidrMatcher
 from balance.cluster.cluster import Cluster, NoBackendAvailable
 from balance.config import model
 from balance.interfaces import IDrainable
+from balance.l4 import splice
 from balance.l4.sni import ClientHello, ClientHelloParser, NotTLS, SNIRouter
 
 
@@ -54,6 +61,8 @@ class _State(enum.Enum):
     CONNECTING = "connecting"
     #: Bytes flow both ways.
     OPEN = "open"
+    #: Bytes flow both ways in the kernel (L{balance.l4.splice}).
+    SPLICING = "splicing"
     #: The client shut down its write half; the backend's write half is shut
     #: down too (after what is buffered); the backend may still answer.
     DOWNSTREAM_DONE = "downstream done"
@@ -121,6 +130,7 @@ class L4ProxyProtocol:
         "_sniff",
         "_early",
         "_client_eof",
+        "_splice",
     )
 
     def __init__(self, factory: L4ProxyFactory):
@@ -140,6 +150,7 @@ class L4ProxyProtocol:
         self._sniff: ClientHelloParser | None = None
         self._early: bytes | None = None
         self._client_eof = False
+        self._splice: splice.SpliceRelay | None = None
 
     # IProtocol, for the client connection.
 
@@ -181,9 +192,12 @@ class L4ProxyProtocol:
 
     def dataReceived(self, data: bytes) -> None:
         """Pass bytes from the client to the backend."""
-        self._last = self._factory._seconds()
+        factory = self._factory
+        self._last = factory._seconds()
         up = self._up
         if up is not None:
+            if factory.metrics is not None:
+                factory.metrics.bytes_in += len(data)
             up.write(data)
         elif self._sniff is not None:
             decision = self._sniff.feed(data)
@@ -262,6 +276,10 @@ class L4ProxyProtocol:
         down = self.transport
         up = self._up = upstream.transport
         early, self._early = self._early, None
+        factory = self._factory
+        if factory.splice and not self._client_eof and splice.can_splice(down, up):
+            self._start_splice(down, up, early or b"")
+            return
         if early:
             up.write(early)
         # Wire this and the peer transport together for flow control: a side
@@ -276,6 +294,29 @@ class L4ProxyProtocol:
             self.readConnectionLost()
             return
         down.resumeProducing()
+
+    def _start_splice(self, down, up, early: bytes) -> None:
+        # The relay keeps its own idle timer, on the bytes it moves.
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self._state = _State.SPLICING
+        factory = self._factory
+        tunnel = self._splice = splice.relay(
+            down, up, factory._reactor, idle=factory._idle, a_to_b=early
+        )
+        tunnel.done.addBoth(self._splice_done, tunnel)
+
+    def _splice_done(self, result, tunnel: splice.SpliceRelay) -> None:
+        # Both transports were told to close; their connectionLost finishes
+        # the bookkeeping.  A reset or a timeout is not an error to log.
+        self._splice = None
+        if self._state is _State.SPLICING:
+            self._state = _State.CLOSING
+        metrics = self._factory.metrics
+        if metrics is not None:
+            metrics.bytes_in += tunnel.a_to_b
+            metrics.bytes_out += tunnel.b_to_a
 
     def _upstream_failed(self, reason: Failure) -> None:
         self._pending = None
@@ -299,7 +340,10 @@ class L4ProxyProtocol:
         self._close()
 
     def _upstream_data(self, data: bytes) -> None:
-        self._last = self._factory._seconds()
+        factory = self._factory
+        self._last = factory._seconds()
+        if factory.metrics is not None:
+            factory.metrics.bytes_out += len(data)
         self.transport.write(data)
 
     def _upstream_eof(self) -> None:
@@ -346,6 +390,14 @@ class L4ProxyProtocol:
         if state is _State.CLOSED or (state is _State.CLOSING and not abort):
             return
         self._state = _State.CLOSING
+        tunnel = self._splice
+        if tunnel is not None:
+            # The relay owns both sockets: it closes both transports.
+            if abort:
+                tunnel.abort()
+            else:
+                tunnel.close()
+            return
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
@@ -451,17 +503,30 @@ class L4ProxyFactory(ServerFactory):
     @ivar clusters: Every runtime cluster by name.
     @ivar router: The L{SNIRouter} of the listener's routes, or L{None}
         when it has none (connections then go to C{cluster} at once).
+    @ivar splice: Whether plain TCP tunnels may use L{balance.l4.splice}
+        (the default where it is available); false forces the
+        producer/consumer relay.
+    @ivar metrics: The listener's L{ListenerMetrics} (connections and bytes),
+        or L{None}.
     """
+
+    splice = True
 
     log = Logger()
 
-    def __init__(self, listener: model.Listener, clusters: Mapping[str, Cluster], reactor):
+    def __init__(
+        self, listener: model.Listener, clusters: Mapping[str, Cluster], reactor, metrics=None
+    ):
         """
         @param listener: The validated listener config.
         @param clusters: The runtime clusters by name; those the listener
             and its routes name must be there.
-        @param reactor: Provides the time and the timers (L{IReactorTime}).
+        @param reactor: Provides the time and the timers (L{IReactorTime}),
+            and the file descriptor sets for the splice relay.
+        @param metrics: The process's L{balance.observe.metrics.Metrics},
+            or L{None} for no metrics.
         """
+        self.metrics = metrics.listener(listener.name) if metrics is not None else None
         self.listener = listener
         self.clusters = clusters
         self.cluster = clusters[listener.cluster] if listener.cluster is not None else None
@@ -525,9 +590,14 @@ class L4ProxyFactory(ServerFactory):
 
     def _opened(self, session: L4ProxyProtocol) -> None:
         self._sessions.add(session)
+        if self.metrics is not None:
+            self.metrics.connections_total += 1
+            self.metrics.active += 1
 
     def _closed(self, session: L4ProxyProtocol) -> None:
         self._sessions.discard(session)
+        if self.metrics is not None:
+            self.metrics.active -= 1
         if not self._sessions and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:
