@@ -296,18 +296,15 @@ class L4ProxyProtocol:
         down.resumeProducing()
 
     def _start_splice(self, down, up, early: bytes) -> None:
-        # The relay keeps its own idle timer, on the bytes it moves.
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        # The idle timer stays ours (one timer per connection: a cancelled
+        # one lingers in the reactor's heap); _idle_check reads the relay's
+        # last activity.
         self._state = _State.SPLICING
-        factory = self._factory
-        tunnel = self._splice = splice.relay(
-            down, up, factory._reactor, idle=factory._idle, a_to_b=early
+        self._splice = splice.relay(
+            down, up, self._factory._reactor, a_to_b=early, on_done=self._splice_done
         )
-        tunnel.done.addBoth(self._splice_done, tunnel)
 
-    def _splice_done(self, result, tunnel: splice.SpliceRelay) -> None:
+    def _splice_done(self, tunnel: splice.SpliceRelay, reason: Failure | None) -> None:
         # Both transports were told to close; their connectionLost finishes
         # the bookkeeping.  A reset or a timeout is not an error to log.
         self._splice = None
@@ -373,7 +370,10 @@ class L4ProxyProtocol:
         # Activity only records a timestamp; the timer is re-armed here, at
         # most once per idle period, instead of being reset for every chunk.
         factory = self._factory
-        remaining = self._last + factory._idle - factory._seconds()
+        last = self._last
+        if self._splice is not None:
+            last = max(last, self._splice.last_activity)
+        remaining = last + factory._idle - factory._seconds()
         if remaining > 0:
             self._idle_call = factory._reactor.callLater(remaining, self._idle_check)
         else:

@@ -17,7 +17,7 @@ Interface::
         tunnel = splice.relay(a, b, reactor, idle=60.0, a_to_b=early_bytes)
         tunnel.done.addBoth(...)   # both sides closed; see below
 
-C{relay(a, b, reactor, idle=0.0, a_to_b=b"", b_to_a=b"")} takes both
+C{relay(a, b, reactor, idle=0.0, a_to_b=b"", b_to_a=b"", on_done=None)} takes both
 sockets away from their Twisted transports (which must be
 L{twisted.internet.tcp.Server} or L{twisted.internet.tcp.Client}, connected,
 with no producer registered) and returns a L{SpliceRelay}:
@@ -37,7 +37,11 @@ with no producer registered) and returns a L{SpliceRelay}:
     case, so callers keep their own bookkeeping there;
   - C{done} fires with L{None} on a clean finish, or fails with the reason
     (L{twisted.internet.error.TimeoutError} for the idle timeout) after both
-    sides were told to close;
+    sides were told to close; C{on_done(relay, reason_or_None)}, if given,
+    is called at that moment too (cheaper than a Deferred per tunnel, which
+    is only made when C{done} is read);
+  - C{last_activity} is the reactor time of the last byte moved, for callers
+    that keep their own idle timer (and pass C{idle=0});
   - C{a_to_b} and C{b_to_a} count the bytes delivered each way (including
     the initial bytes), for metrics.
 
@@ -101,14 +105,19 @@ def _take_over(transport) -> bytes:
     """
     transport.stopReading()
     transport.stopWriting()
-    queued = transport.dataBuffer[transport.offset :]
+    # Reset only what is not already empty: a new key in the transport's
+    # instance dict (these are class attributes until first written) can
+    # grow the dict by hundreds of bytes, on every idle tunnel.
+    queued = b""
+    if transport.dataBuffer:
+        queued = bytes(transport.dataBuffer[transport.offset :])
+        transport.dataBuffer = b""
+        transport.offset = 0
     if transport._tempDataBuffer:
-        queued = bytes(queued) + b"".join(transport._tempDataBuffer)
-    transport.dataBuffer = b""
-    transport.offset = 0
-    transport._tempDataBuffer = []
-    transport._tempDataLen = 0
-    return bytes(queued)
+        queued += b"".join(transport._tempDataBuffer)
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+    return queued
 
 
 class _Direction:
@@ -191,14 +200,15 @@ class SpliceRelay:
     A running zero-copy tunnel between two TCP transports; see the module
     docstring, and make one with L{relay}.
 
-    @ivar done: Fires with L{None} once both directions finished cleanly,
-        or fails with the reason the tunnel was aborted.
     @ivar a_to_b: Bytes delivered from C{a} to C{b}.
     @ivar b_to_a: Bytes delivered from C{b} to C{a}.
+    @ivar last_activity: Reactor time of the last read.
     """
 
     __slots__ = (
-        "done",
+        "_done",
+        "_on_done",
+        "_result",
         "a_to_b",
         "b_to_a",
         "_a",
@@ -208,12 +218,23 @@ class SpliceRelay:
         "_reactor",
         "_idle",
         "_idle_call",
-        "_last",
+        "last_activity",
         "_closed",
     )
 
-    def __init__(self, a, b, reactor, idle: float = 0.0, a_to_b: bytes = b"", b_to_a: bytes = b""):
-        self.done = Deferred()
+    def __init__(
+        self,
+        a,
+        b,
+        reactor,
+        idle: float = 0.0,
+        a_to_b: bytes = b"",
+        b_to_a: bytes = b"",
+        on_done=None,
+    ):
+        self._done: Deferred | None = None
+        self._on_done = on_done
+        self._result = self
         self.a_to_b = 0
         self.b_to_a = 0
         self._reactor = reactor
@@ -225,7 +246,7 @@ class SpliceRelay:
         self._ba = end_b.outbound = end_a.inbound = _Direction(end_b, end_a, head_a)
         self._idle = idle
         self._idle_call = None
-        self._last = reactor.seconds()
+        self.last_activity = reactor.seconds()
         if idle > 0:
             self._idle_call = reactor.callLater(idle, self._idle_check)
         for d in (self._ab, self._ba):
@@ -233,6 +254,25 @@ class SpliceRelay:
                 self._flush(d)
             else:
                 self._start_reading(d.src)
+
+    @property
+    def done(self) -> Deferred:
+        """
+        Fires with L{None} once both directions finished cleanly, or fails
+        with the reason the tunnel was aborted.
+        """
+        if self._done is None:
+            self._done = Deferred()
+            if self._result is not self:
+                self._fire(self._done, self._result)
+        return self._done
+
+    @staticmethod
+    def _fire(d: Deferred, result: Failure | None) -> None:
+        if result is None:
+            d.callback(None)
+        else:
+            d.errback(result)
 
     # Registration with the reactor.
 
@@ -270,7 +310,7 @@ class SpliceRelay:
         except OSError as e:
             self._fail(Failure(error.ConnectionLost(os.strerror(e.errno))))
             return
-        self._last = self._reactor.seconds()
+        self.last_activity = self._reactor.seconds()
         if n == 0:
             d.eof = True
             self._stop_reading(d.src)
@@ -331,7 +371,7 @@ class SpliceRelay:
     # Ending.
 
     def _idle_check(self) -> None:
-        remaining = self._last + self._idle - self._reactor.seconds()
+        remaining = self.last_activity + self._idle - self._reactor.seconds()
         if remaining > 0:
             self._idle_call = self._reactor.callLater(remaining, self._idle_check)
         else:
@@ -373,14 +413,22 @@ class SpliceRelay:
             else:
                 end.transport.abortConnection()
         self._ab.src = self._ab.dst = self._ba.src = self._ba.dst = None
-        if reason is None:
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
+        self._result = reason
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done(self, reason)
+        if self._done is not None:
+            self._fire(self._done, reason)
 
 
 def relay(
-    a, b, reactor, idle: float = 0.0, a_to_b: bytes = b"", b_to_a: bytes = b""
+    a,
+    b,
+    reactor,
+    idle: float = 0.0,
+    a_to_b: bytes = b"",
+    b_to_a: bytes = b"",
+    on_done=None,
 ) -> SpliceRelay:
     """
     Tunnel bytes between TCP transports C{a} and C{b} with C{splice(2)}
@@ -393,5 +441,7 @@ def relay(
         either way; 0 for no timeout.
     @param a_to_b: Bytes to send to C{b} first (already read from C{a}).
     @param b_to_a: Bytes to send to C{a} first (already read from C{b}).
+    @param on_done: Called as C{on_done(relay, reason)} when the tunnel
+        ends, C{reason} being L{None} for a clean finish or a L{Failure}.
     """
-    return SpliceRelay(a, b, reactor, idle, a_to_b, b_to_a)
+    return SpliceRelay(a, b, reactor, idle, a_to_b, b_to_a, on_done)

@@ -241,6 +241,29 @@ class SpliceRelayTests(TestCase):
         yield self.assertFailure(tunnel.done, error.TimeoutError)
         yield b.lost
 
+    @inlineCallbacks
+    def test_on_done_and_late_done(self):
+        """
+        C{on_done} is called with the relay and the reason when the tunnel
+        ends, and C{done} read afterwards has the same outcome.
+        """
+        calls = []
+        outer_a, inner_a = yield self.connection()
+        outer_b, inner_b = yield self.connection()
+        tunnel = splice.relay(
+            inner_a.transport,
+            inner_b.transport,
+            reactor,
+            on_done=lambda relay, reason: calls.append((relay, reason)),
+        )
+        tunnel.abort()
+        self.assertEqual(len(calls), 1)
+        self.assertIs(calls[0][0], tunnel)
+        self.assertTrue(calls[0][1].check(error.ConnectionAborted))
+        yield self.assertFailure(tunnel.done, error.ConnectionAborted)
+        yield outer_a.lost
+        yield outer_b.lost
+
     def test_can_splice(self):
         """Only connected plain TCP transports, and only when enabled."""
         self.assertFalse(splice.can_splice(StringTransport(), StringTransport()))
