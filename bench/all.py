@@ -78,8 +78,15 @@ def rows_of(name: str, data: dict) -> list[dict]:
         if row.get(k) is None:
             continue
         case = row.get(case_key, "") if case_key else ""
+        lo, hi = row.get(k + "_min"), row.get(k + "_max")
+        if lo is None:
+            # Benches that summarise medians only: the range from their runs.
+            vals = [r[k] for r in data.get("runs", []) if r.get("peer") == row["peer"]
+                    and (not case_key or r.get(case_key) == case) and r.get(k) is not None
+                    and "discarded" not in r]
+            lo, hi = (min(vals), max(vals)) if vals else (row[k], row[k])
         out.append({"bench": name, "case": case, "peer": row["peer"], "value": row[k],
-                    "min": row.get(k + "_min", row[k]), "max": row.get(k + "_max", row[k])})
+                    "min": lo, "max": hi})
     for row in out:
         bal = next((r for r in out if r["case"] == row["case"] and r["peer"] == "balance"), None)
         if bal and row["value"]:

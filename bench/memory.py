@@ -317,7 +317,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def run(a, procs, d: str):
-    need = 2 * max(a.l7_conns, a.l4_conns) + 1000
+    # l7: one socket per connection in the proxy; l4: two.
+    need = max(a.l7_conns, 2 * a.l4_conns) + 1000
     have = raise_nofile(need)
     if have < need:
         say(f"warning: RLIMIT_NOFILE is {have}, below the {need} needed; connections will fail")
