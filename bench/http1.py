@@ -463,7 +463,8 @@ def start_peer(name: str, env: Env) -> tuple[Proc, int]:
             }
         with open(cfg, "w") as f:
             f.write(balance_conf(port, env.origin_port, a.balance_protocol, observe))
-        base = [py, "-m", "twisted", "--log-format=text", "balance", "--config", cfg]
+        reactor = [f"--reactor={a.balance_reactor}"] if a.balance_reactor else []
+        base = [py, "-m", "twisted", "--log-format=text", *reactor, "balance", "--config", cfg]
         # --check validates without binding: the quickest way to learn that
         # Balance is missing or refuses the config (e.g. "protocol http is
         # not implemented in this version of Balance").
@@ -787,6 +788,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="balance-observed: also trace, with this sample_ratio (off)")
     ap.add_argument("--balance-python", default=sys.executable,
                     help="interpreter with Balance installed (this one)")
+    ap.add_argument("--balance-reactor", default="",
+                    help="Twisted reactor for Balance (its default: epoll on Linux); "
+                    "e.g. asyncio, or uvloop (Balance's plugin, needs uvloop installed)")
     ap.add_argument("--origin", metavar="PORT", type=int,
                     help="use an HTTP server already listening on 127.0.0.1:PORT as the "
                     "origin instead of starting nginx (its CPU is then not accounted)")

@@ -65,6 +65,9 @@ class ProtocolSniffer(Protocol):
     :ivar chosen: the protocol chosen, or L{None} while undecided.
     """
 
+    # It lives as long as an idle connection that never sent a byte.
+    __slots__ = ("transport", "connected", "ctx", "_options", "_h1", "_buffer", "chosen")
+
     def __init__(self, ctx, h2_options: H2Options):
         self.ctx = ctx
         self._options = h2_options

@@ -23,6 +23,12 @@ Half-closes are passed on: when one side shuts down its write half, the other
 side's write half is shut down after what is buffered, while bytes keep
 flowing the other way.  When both have finished, or either goes away, both
 are closed.
+
+On Linux, once the backend is connected, a plain TCP tunnel (no TLS on
+either side) is handed to L{balance.l4.splice}, which moves the bytes with
+C{splice(2)} in the kernel with the same flow control, half-close and idle
+timeout; the producer/consumer relay above is the fallback
+(L{L4ProxyFactory.splice} switches the fast path off).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from balance.acl import CidrMatcher
 from balance.cluster.cluster import Cluster, NoBackendAvailable
 from balance.config import model
 from balance.interfaces import IDrainable
+from balance.l4 import splice
 from balance.l4.sni import ClientHello, ClientHelloParser, NotTLS, SNIRouter
 from balance.observe.accesslog import tls_version
 from balance.observe.metrics import ListenerMetrics
@@ -57,6 +64,8 @@ class _State(enum.Enum):
     CONNECTING = "connecting"
     #: Bytes flow both ways.
     OPEN = "open"
+    #: Bytes flow both ways in the kernel (L{balance.l4.splice}).
+    SPLICING = "splicing"
     #: The client shut down its write half; the backend's write half is shut
     #: down too (after what is buffered); the backend may still answer.
     DOWNSTREAM_DONE = "downstream done"
@@ -129,6 +138,8 @@ class L4ProxyProtocol:
         "_bytes_out",
         "_started",
         "_reason",
+        "_splice",
+        "_spliced_head",
     )
 
     def __init__(self, factory: L4ProxyFactory, ip: bytes = b""):
@@ -155,6 +166,8 @@ class L4ProxyProtocol:
         self._started = 0.0
         # Why the connection ended, when not by its peers (access log).
         self._reason = ""
+        self._splice: splice.SpliceRelay | None = None
+        self._spliced_head = 0
 
     # IProtocol, for the client connection.
 
@@ -282,10 +295,19 @@ class L4ProxyProtocol:
         down = self.transport
         up = self._up = upstream.transport
         version = self._cluster.model.send_proxy_protocol
+        header = b""
         if version is not None:
             # First on the connection, before the client's bytes.
-            up.write(encode(version, client_address(down), server_address(down)))
+            header = encode(version, client_address(down), server_address(down))
+            up.write(header)
         early, self._early = self._early, None
+        factory = self._factory
+        if factory.splice and not self._client_eof and splice.can_splice(down, up):
+            # The relay counts what it delivers, the header and the early
+            # bytes (already counted as they arrived) included.
+            self._spliced_head = len(header) + len(early or b"")
+            self._start_splice(down, up, early or b"")
+            return
         if early:
             up.write(early)
         # Wire this and the peer transport together for flow control: a side
@@ -300,6 +322,30 @@ class L4ProxyProtocol:
             self.readConnectionLost()
             return
         down.resumeProducing()
+
+    def _start_splice(self, down, up, early: bytes) -> None:
+        # The idle timer stays ours (one timer per connection: a cancelled
+        # one lingers in the reactor's heap); _idle_check reads the relay's
+        # last activity.
+        self._state = _State.SPLICING
+        self._splice = splice.relay(
+            down, up, self._factory._reactor, a_to_b=early, on_done=self._splice_done
+        )
+
+    def _splice_done(self, tunnel: splice.SpliceRelay, reason: Failure | None) -> None:
+        # Both transports were told to close; their connectionLost finishes
+        # the bookkeeping.  A reset or a timeout is not an error to log.
+        self._splice = None
+        if self._state is _State.SPLICING:
+            self._state = _State.CLOSING
+        metrics = self._factory.metrics
+        # What the client sent (less what was counted as it arrived) and
+        # what the backend sent, for the access log and the metrics.
+        sent = max(0, tunnel.a_to_b - self._spliced_head)
+        self._bytes_in += sent
+        self._bytes_out += tunnel.b_to_a
+        metrics.bytes_in += sent
+        metrics.bytes_out += tunnel.b_to_a
 
     def _upstream_failed(self, reason: Failure) -> None:
         self._pending = None
@@ -359,7 +405,10 @@ class L4ProxyProtocol:
         # Activity only records a timestamp; the timer is re-armed here, at
         # most once per idle period, instead of being reset for every chunk.
         factory = self._factory
-        remaining = self._last + factory._idle - factory._seconds()
+        last = self._last
+        if self._splice is not None:
+            last = max(last, self._splice.last_activity)
+        remaining = last + factory._idle - factory._seconds()
         if remaining > 0:
             self._idle_call = factory._reactor.callLater(remaining, self._idle_check)
         else:
@@ -377,6 +426,14 @@ class L4ProxyProtocol:
         if state is _State.CLOSED or (state is _State.CLOSING and not abort):
             return
         self._state = _State.CLOSING
+        tunnel = self._splice
+        if tunnel is not None:
+            # The relay owns both sockets: it closes both transports.
+            if abort:
+                tunnel.abort()
+            else:
+                tunnel.close()
+            return
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.cancel()
@@ -483,7 +540,14 @@ class L4ProxyFactory(ServerFactory):
     @ivar clusters: Every runtime cluster by name.
     @ivar router: The L{SNIRouter} of the listener's routes, or L{None}
         when it has none (connections then go to C{cluster} at once).
+    @ivar splice: Whether plain TCP tunnels may use L{balance.l4.splice}
+        (the default where it is available); false forces the
+        producer/consumer relay.
+    @ivar metrics: The listener's L{ListenerMetrics} (connections and bytes),
+        or L{None}.
     """
+
+    splice = True
 
     log = Logger()
 

@@ -19,8 +19,10 @@ from zope.interface import implementer
 
 from balance.cluster.cluster import Cluster
 from balance.config import model
+from balance.l4 import splice
 from balance.l4.relay import L4ProxyFactory
 from balance.listener import ListenerService
+from balance.observe.metrics import ListenerMetrics
 from tests.helpers import (
     CheckingClient,
     EchoFactory,
@@ -44,6 +46,8 @@ class ProxyTestCase(TestCase):
     """
 
     timeout = 60
+    #: Whether the proxy may splice (the fallback test classes say no).
+    splice = True
 
     def setUp(self):
         self.clients = []
@@ -78,6 +82,7 @@ class ProxyTestCase(TestCase):
         )
         self.factory = L4ProxyFactory(listener, {"api": self.cluster}, reactor)
         self.factory.log = Logger(observer=self.events.append, namespace="relay")
+        self.factory.splice = self.splice
         self.service = ListenerService(listener.listen, self.factory, reactor, 5.0)
         self.service.startService()
         self.port = self.service.port.getHost().port
@@ -208,7 +213,8 @@ class FlowControlTests(ProxyTestCase):
         # until the backend got everything out, which only a proxy without
         # flow control allows.
         yield wait_for(
-            lambda: (backend.paused and session.transport.producerPaused) or backend.sent == total,
+            lambda: (backend.paused and (session.transport.producerPaused or session._splice))
+            or backend.sent == total,
             what="the backend to stall or finish",
         )
         self.assertLess(proxy_buffered(), MiB)
@@ -436,3 +442,40 @@ class AccessListTests(ProxyTestCase):
         yield allowed.lost
         self.assertTrue(allowed.complete)
         self.assertEqual(len(echo.protocols), 1)
+
+
+class SpliceTests(ProxyTestCase):
+    """Where splice(2) is available, plain TCP tunnels use it."""
+
+    def setUp(self):
+        super().setUp()
+        if not splice.ENABLED:
+            raise SkipTest("splice(2) is not available here")
+
+    @inlineCallbacks
+    def test_tunnel_spliced_and_counted(self):
+        """
+        A proxied plain TCP connection is handed to the splice relay, and
+        the listener's byte counters include what it moved.
+        """
+        self.start_proxy([EchoFactory()])
+        self.factory.metrics = ListenerMetrics("l4")
+        client = self.client(os.urandom(MiB), half_close=False)
+        yield wait_for(lambda: client.received == MiB, what="the echo")
+        (session,) = self.sessions()
+        self.assertIsNotNone(session._splice)
+        client.transport.loseConnection()
+        yield client.lost
+        yield wait_for(lambda: self.factory.active == 0)
+        self.assertEqual(self.factory.metrics.bytes_in, MiB)
+        self.assertEqual(self.factory.metrics.bytes_out, MiB)
+        self.assertEqual(self.factory.metrics.connections_total, 1)
+        self.assertEqual(self.factory.metrics.active, 0)
+
+
+# Every behaviour above once more through the producer/consumer fallback (the
+# path TLS tunnels and non-Linux systems take).
+for _case in (EchoTests, FlowControlTests, HalfCloseTests, CloseTests, AccessListTests):
+    _name = _case.__name__ + "Fallback"
+    globals()[_name] = type(_name, (_case,), {"splice": False, "__module__": __name__})
+del _case, _name

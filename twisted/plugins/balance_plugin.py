@@ -13,3 +13,13 @@ balance = ServiceMaker(
     "An L4/L7 proxy and load balancer configured by one YAML file.",
     "balance",
 )
+
+try:
+    from twisted.application.reactors import Reactor
+except ImportError:  # pragma: no cover
+    pass
+else:
+    #: C{twistd --reactor=uvloop}: the asyncio reactor on uvloop.
+    uvloop = Reactor(
+        "uvloop", "balance.uvloopreactor", "Twisted's asyncio reactor on a uvloop event loop."
+    )
