@@ -27,6 +27,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import http1
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)
 
@@ -219,7 +222,7 @@ def main(argv=None) -> int:
     if charts:
         print("\ncharts: " + ", ".join(os.path.relpath(c, CHECKOUT) for c in charts))
     with open(os.path.join(a.results, "summary.json"), "w") as f:
-        json.dump({"command": ["python3", "bench/all.py", *argv], "rows": rows,
+        http1.dump_json({"command": ["python3", "bench/all.py", *argv], "rows": rows,
                    "exit_status": status}, f, indent=2)
         f.write("\n")
     return 1 if any(status.values()) else 0

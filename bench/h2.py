@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -43,6 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import http1  # bench/ is not a package: its directory is on sys.path
 from http1 import (  # bench/ is not a package: its directory is on sys.path
     Fatal,
     Procs,
@@ -528,7 +528,7 @@ def main(argv=None) -> int:
     print("\n" + "\n".join(lines))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(
+            http1.dump_json(
                 {
                     "options": vars(a),
                     "machine": info,

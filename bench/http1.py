@@ -911,6 +911,29 @@ def run(a: argparse.Namespace, procs: Procs, workdir: str) -> tuple[list[dict], 
     return runs, skipped, info
 
 
+def portable(value):
+    """
+    C{value} (JSON-able) with this machine's paths made shareable: paths in
+    the repository relative to it, other absolute paths (interpreters,
+    temporary files) by their last component, so results can be committed.
+    """
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if value == root or value.startswith(root + os.sep):
+            return os.path.relpath(value, root)
+        return os.path.basename(value.rstrip("/")) or value
+    return value
+
+
+def dump_json(value, f, **kw) -> None:
+    """C{json.dump} of L{portable}(C{value})."""
+    json.dump(portable(value), f, **kw)
+
+
 def in_workdir(prefix: str, keep: bool, body):
     """
     Run C{body(procs, workdir)} in a fresh temporary directory and stop
@@ -955,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text, end="")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"command": cmd, "options": vars(a),
+            dump_json({"command": cmd, "options": vars(a),
                        "machine": info, "summary": rows, "runs": runs, "skipped": skipped},
                       f, indent=2, default=str)
             f.write("\n")

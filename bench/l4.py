@@ -275,7 +275,7 @@ def main(argv=None) -> int:
         print(f"\nskipped {peer}: {why}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"bench": "l4", "command": cmd, "options": vars(a), "summary": rows,
+            http1.dump_json({"bench": "l4", "command": cmd, "options": vars(a), "summary": rows,
                        "runs": runs, "skipped": skipped}, f, indent=2, default=str)
             f.write("\n")
     return 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import shutil
@@ -395,7 +394,7 @@ def main(argv=None) -> int:
         print(f"\nskipped {what}: {why}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"bench": "memory", "command": cmd, "options": vars(a), "summary": rows,
+            http1.dump_json({"bench": "memory", "command": cmd, "options": vars(a), "summary": rows,
                        "runs": runs, "skipped": skipped}, f, indent=2, default=str)
             f.write("\n")
     return 0

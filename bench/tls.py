@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -401,7 +400,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"command": cmd, "runs": runs, "summary": rows, "skipped": skipped,
+            http1.dump_json({"command": cmd, "runs": runs, "summary": rows, "skipped": skipped,
                        "resumption": resumed, "helpers": http1.__file__}, f, indent=2)
     return 0
 

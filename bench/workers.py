@@ -21,7 +21,6 @@ PID at the end (see bench/http1.py, whose helpers it uses).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -30,6 +29,7 @@ import subprocess
 import sys
 import time
 
+import http1  # bench/ is not a package: its directory is on sys.path
 from http1 import (  # bench/ is not a package: its directory is on sys.path
     Fatal,
     Skip,
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     print("\n" + report(a, runs), end="")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"command": ["python3", "bench/workers.py", *argv], "runs": runs}, f,
+            http1.dump_json({"command": ["python3", "bench/workers.py", *argv], "runs": runs}, f,
                       indent=2)
     return 0
 

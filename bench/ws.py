@@ -40,6 +40,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import http1  # bench/ is not a package: its directory is on sys.path
 from http1 import (  # bench/ is not a package: its directory is on sys.path
     Fatal,
     Procs,
@@ -502,7 +503,7 @@ def main(argv=None) -> int:
     )
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(
+            http1.dump_json(
                 {"command": cmd, "summary": rows, "runs": runs, "skipped": skipped}, f, indent=2
             )
     return 0
