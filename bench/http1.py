@@ -921,6 +921,8 @@ def portable(value):
         return {k: portable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [portable(v) for v in value]
+    if isinstance(value, str) and " " in value:
+        return " ".join(portable(part) for part in value.split(" "))
     if isinstance(value, str) and value.startswith("/"):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if value == root or value.startswith(root + os.sep):
