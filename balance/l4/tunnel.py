@@ -11,14 +11,11 @@ transport is the streaming producer of the other, as in
 L{balance.l4.relay}), passes half-closes on, closes both sides when either
 goes away, and aborts both after C{idle_timeout} seconds without a byte.
 
-The relay itself (C{_from_client}/C{_from_backend} and the flow control)
-knows only two transports, so the splice(2) fast path of plain TCP can
-replace it for a pair of C{tcp.Server}/C{tcp.Client} transports without a
-L{FrameGuard<balance.http.websocket.FrameGuard>}; the protocols, counters,
-timer and close logic stay the same.  The OPEN-phase relay of
-L{balance.l4.relay.L4ProxyProtocol} is the same state machine (it shares
-C{_shut_down_writes} with it) and can move onto this class, so that TCP
-listeners and upgraded HTTP connections get the splice path from one place.
+A pair of plain TCP transports without a
+L{FrameGuard<balance.http.websocket.FrameGuard>} is handed to
+L{balance.l4.splice} instead (zero-copy, Linux), with the same half-close,
+idle timeout and byte counts; C{Tunnel.splice = False} forces the copying
+relay, which TLS transports and frame-aware tunnels always use.
 """
 
 from __future__ import annotations
@@ -26,10 +23,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
+from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol
 from zope.interface import implementer
 
 from balance import _io
+from balance.l4 import splice
 from balance.l4.relay import _shut_down_writes
 
 
@@ -39,6 +38,8 @@ class _State(enum.Enum):
     CLIENT_DONE = "client done"
     #: The backend shut down its write half; so did we towards the client.
     BACKEND_DONE = "backend done"
+    #: Plain TCP both sides: the kernel moves the bytes (L{balance.l4.splice}).
+    SPLICING = "splicing"
     CLOSING = "closing"
     CLOSED = "closed"
 
@@ -135,7 +136,11 @@ class Tunnel:
         "client_bytes",
         "backend_bytes",
         "reason",
+        "_splice",
     )
+
+    #: Whether plain TCP tunnels without a guard go through splice(2).
+    splice = True
 
     def __init__(
         self,
@@ -164,6 +169,7 @@ class Tunnel:
         self.client_bytes = 0
         self.backend_bytes = 0
         self.reason = ""
+        self._splice = None
 
     def start(
         self, client_protocol, backend_protocol, to_backend: bytes = b"", to_client: bytes = b""
@@ -187,6 +193,20 @@ class Tunnel:
             backend_protocol,
             _End(backend, self._from_backend, self._backend_eof, self._backend_gone),
         )
+        if self.guard is None and self.splice and splice.can_splice(client, backend):
+            # Zero-copy: the relay moves the bytes, keeps the idle timer and
+            # closes both transports, whose connectionLost ends the tunnel.
+            self._state = _State.SPLICING
+            self._splice = splice.relay(
+                client,
+                backend,
+                self._reactor,
+                idle=self._idle,
+                a_to_b=to_backend,
+                b_to_a=to_client,
+                on_done=self._spliced,
+            )
+            return
         self._last = self._reactor.seconds()
         if self._idle > 0:
             self._timer = self._reactor.callLater(self._idle, self._idle_check)
@@ -291,8 +311,25 @@ class Tunnel:
         if self._client_lost:
             self._finish()
 
+    def _spliced(self, relay: splice.SpliceRelay, reason) -> None:
+        """The splice relay ended and told both transports to close."""
+        self._splice = None
+        if self._state is _State.SPLICING:
+            self._state = _State.CLOSING
+        self.client_bytes += relay.a_to_b
+        self.backend_bytes += relay.b_to_a
+        meter = self._meter
+        if meter is not None:
+            meter.bytes_in += relay.a_to_b
+            meter.bytes_out += relay.b_to_a
+        if reason is not None and reason.check(TimeoutError) and not self.reason:
+            self.reason = "tunnel idle timeout"
+
     def abort(self) -> None:
         """Drop both sides now, with whatever they still had buffered."""
+        if self._splice is not None:
+            self._splice.abort()
+            return
         self._close(abort=True)
 
     def _idle_check(self) -> None:
@@ -315,6 +352,12 @@ class Tunnel:
         """
         state = self._state
         if state is _State.CLOSED or (state is _State.CLOSING and not abort):
+            return
+        if self._splice is not None:
+            if abort:
+                self._splice.abort()
+            else:
+                self._splice.close()
             return
         self._state = _State.CLOSING
         client, backend = self._client, self._backend

@@ -32,6 +32,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
 from balance.http.websocket import accept_value
+from balance.l4.tunnel import Tunnel
 from balance.testing import ParsedRequest
 from tests.helpers import connect_client, need_tool, wait_for
 from tests.integration.test_http_proxy import BalanceTestCase, closes, read_responses
@@ -587,6 +588,17 @@ class WebSocketTests(BalanceTestCase):
         text = self.metrics.render().decode()
         self.assertIn('balance_websocket_messages_total{direction="upstream",route="1"} 2.0', text)
 
+
+
+class CopyingWebSocketTests(WebSocketTests):
+    """
+    The same through the producer/consumer relay (plain TCP tunnels without
+    a frame guard are otherwise spliced).
+    """
+
+    def setUp(self):
+        self.patch(Tunnel, "splice", False)
+        return super().setUp()
 
 class DrainTests(BalanceTestCase):
     """On stop, open tunnels may finish within drain_timeout, then are closed."""

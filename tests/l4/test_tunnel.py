@@ -200,3 +200,14 @@ class TunnelTests(unittest.TestCase):
             protocol = None
 
         self.assertRaises(ValueError, take_over, Transport(), object(), object())
+
+
+class CopyingTunnelTests(TunnelTests):
+    """
+    The same, through the producer/consumer relay that TLS transports and
+    frame-aware tunnels use (plain TCP pairs are spliced otherwise).
+    """
+
+    def setUp(self):
+        self.patch(Tunnel, "splice", False)
+        super().setUp()
