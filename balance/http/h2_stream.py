@@ -26,21 +26,18 @@ from h2.errors import ErrorCodes
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from balance.http.h2_flow import HIGH_WATER, LOW_WATER, QueuedStream
 from balance.http.h2_headers import local_fields, response_fields
 from balance.http.proxy import Exchange
 
 __all__ = ["H2Stream", "HIGH_WATER", "LOW_WATER"]
 
-#: Response bytes queued for one stream beyond which its backend
-#: connection is paused, and below which it is resumed.
-HIGH_WATER = 64 * 1024
-LOW_WATER = 16 * 1024
 
 _CONTINUE = [(b":status", b"100")]
 
 
 @implementer(IPushProducer)
-class H2Stream:
+class H2Stream(QueuedStream):
     """
     One HTTP/2 stream, as the C{downstream} of its L{Exchange}.
 
@@ -255,29 +252,6 @@ class H2Stream:
 
     # -- the client's transport, as the Exchange sees it --------------------------
 
-    @property
-    def transport(self) -> H2Stream:
-        """This stream stands for the transport the response body goes to."""
-        return self
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        """The backend connection streams the response body to this stream."""
-        self._producer = producer
-        self._producer_paused = False
-        if self._out_bytes > HIGH_WATER:
-            self._pause_producer()
-
-    def unregisterProducer(self) -> None:
-        """The body ended; the Exchange resumes the backend if we paused it."""
-        self._producer = None
-        self._producer_paused = False
-
-    def _pause_producer(self) -> None:
-        producer = self._producer
-        if producer is not None and not self._producer_paused:
-            self._producer_paused = True
-            producer.pauseProducing()
-
     # -- output, driven by the connection ---------------------------------------
 
     def send_some(self, h2conn, data_allowed: bool) -> bool:
@@ -304,26 +278,8 @@ class H2Stream:
         if not data_allowed:
             return False
         if out:
-            window = h2conn.local_flow_control_window(sid)
-            max_frame = h2conn.max_outbound_frame_size
-            while out and window > 0:
-                chunk = out[0]
-                size = len(chunk)
-                if size > window or size > max_frame:
-                    size = window if window < max_frame else max_frame
-                    out[0] = chunk[size:]
-                    chunk = chunk[:size]
-                else:
-                    out.popleft()
-                window -= size
-                self._out_bytes -= size
-                end = self._end and not out and self._trailers is None
-                h2conn.send_data(sid, chunk, end_stream=end)
-                if end:
-                    self._ended = True
-            if self._producer_paused and self._out_bytes < LOW_WATER:
-                self._producer_paused = False
-                self._producer.resumeProducing()
+            if self._send_queued(h2conn, sid):
+                self._ended = True
             if out:
                 return False
         if self._end:

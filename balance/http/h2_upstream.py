@@ -51,6 +51,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from balance import _io
+from balance.http.h2_flow import HIGH_WATER, LOW_WATER, QueuedStream
 from balance.http.h2_headers import response_head_fields, safe_trailers
 from balance.http.upstream import describe_failure
 
@@ -63,11 +64,6 @@ MAX_STREAMS = 1000
 
 # Stream objects (open or closed) beyond which h2 forgets the closed ones.
 _PRUNE_STREAMS = 2 * DEFAULT_MAX_STREAMS
-
-#: Request bytes queued for one stream beyond which its downstream stops
-#: being read, and below which it is read again.
-HIGH_WATER = 64 * 1024
-LOW_WATER = 16 * 1024
 
 #: Request body bytes kept after they were sent, so that a stream the
 #: backend refuses unprocessed can go again elsewhere (RFC 9113 8.7).
@@ -127,7 +123,7 @@ class _ClientConnection(h2.connection.H2Connection):
 
 
 @implementer(IPushProducer)
-class H2UpstreamStream:
+class H2UpstreamStream(QueuedStream):
     """
     One request on an HTTP/2 backend connection, as its
     L{balance.http.proxy.Exchange} sees it: what an
@@ -249,28 +245,16 @@ class H2UpstreamStream:
 
     # -- the backend as the request body's transport --------------------------
 
-    @property
-    def transport(self) -> H2UpstreamStream:
-        """This stream stands for the transport the request body goes to."""
-        return self
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        """The downstream streams the request body to this stream."""
-        self._producer = producer
-        self._producer_paused = False
-        if self._out_bytes > HIGH_WATER:
-            self._pause_producer()
-
-    def unregisterProducer(self) -> None:
-        """The body ended; the Exchange resumes the downstream if we paused it."""
-        self._producer = None
-        self._producer_paused = False
-
-    def _pause_producer(self) -> None:
-        producer = self._producer
-        if producer is not None and not self._producer_paused:
-            self._producer_paused = True
-            producer.pauseProducing()
+    def _sent_chunk(self, chunk: bytes) -> None:
+        # Kept (up to REPLAY_LIMIT) to go again should the backend refuse
+        # the stream.
+        sent = self._sent
+        if sent is not None:
+            self._sent_bytes += len(chunk)
+            if self._sent_bytes > REPLAY_LIMIT:
+                self._sent = None
+            else:
+                sent.append(chunk)
 
     # -- IPushProducer: the response body, for the downstream -----------------
 
@@ -312,33 +296,8 @@ class H2UpstreamStream:
         if out:
             if not data_allowed:
                 return False
-            window = h2conn.local_flow_control_window(sid)
-            max_frame = h2conn.max_outbound_frame_size
-            while out and window > 0:
-                chunk = out[0]
-                size = len(chunk)
-                if size > window or size > max_frame:
-                    size = window if window < max_frame else max_frame
-                    out[0] = chunk[size:]
-                    chunk = chunk[:size]
-                else:
-                    out.popleft()
-                window -= size
-                self._out_bytes -= size
-                sent = self._sent
-                if sent is not None:
-                    self._sent_bytes += size
-                    if self._sent_bytes > REPLAY_LIMIT:
-                        self._sent = None
-                    else:
-                        sent.append(chunk)
-                end = self._end and not out and self._trailers is None
-                h2conn.send_data(sid, chunk, end_stream=end)
-                if end:
-                    self._end_sent = True
-            if self._producer_paused and self._out_bytes < LOW_WATER:
-                self._producer_paused = False
-                self._producer.resumeProducing()
+            if self._send_queued(h2conn, sid):
+                self._end_sent = True
             if out:
                 return False
         if self._end and not self._end_sent:
