@@ -375,12 +375,16 @@ class Exchange:
         self.rs = rs = _Tries(policy, budget, kept)
         rs.route_deadline = self.deadline
 
-    def _pick(self) -> None:
-        """Start a try: choose a backend, then a pooled or a new connection."""
+    def _pick(self, backend=None) -> None:
+        """
+        Start a try: choose a backend (unless given one not tried yet),
+        then a pooled or a new connection.
+        """
         cluster = self.cluster
         down = self.downstream
         tried = self.tried
-        backend = cluster.pick_request(down.client_ip, self.headers, self.path, tried or ())
+        if backend is None:
+            backend = cluster.pick_request(down.client_ip, self.headers, self.path, tried or ())
         rs = self.rs
         if backend is None and tried and rs is not None:
             # A retry with every other backend tried: the same ones again.
@@ -501,6 +505,8 @@ class Exchange:
         if rs is None:
             # Nothing was sent: the next backend, at once.
             self._pick()
+        elif not why.startswith("connect timeout") and self._fail_over():
+            pass
         elif self._may_retry(Outcome.CONNECT_FAILURE, False):
             self._schedule_retry(False)
         else:
@@ -540,6 +546,30 @@ class Exchange:
             if rs.retrying:
                 rs.retrying = False
                 rs.budget.retry_finished()
+
+    def _fail_over(self) -> bool:
+        """
+        A connection was refused (or unreachable): the backend never saw the
+        request.  Try the next backend at once, as without C{retry:}, and
+        outside the budget (which guards backends against retry storms; a
+        refused connection cost nobody anything): a retry policy must never
+        make failover worse than none.
+
+        :return: whether a backend not tried yet took the request.
+        """
+        down = self.downstream
+        backend = self.cluster.pick_request(
+            down.client_ip, self.headers, self.path, self.tried or ()
+        )
+        if backend is None:
+            return False
+        rs = self.rs
+        if rs.retrying:
+            # This try's claim on the budget is over.
+            rs.retrying = False
+            rs.budget.retry_finished()
+        self._pick(backend)
+        return True
 
     def _may_retry(self, outcome: Outcome, sent: bool, status: int = 0) -> bool:
         """

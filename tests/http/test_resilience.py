@@ -120,20 +120,39 @@ class ResilienceTestCase(SynchronousTestCase):
 class RetryTests(ResilienceTestCase):
     """Routes with C{retry:} try again where it is safe."""
 
-    def test_connect_failure_retried_after_backoff(self):
+    def test_connect_failure_fails_over_at_once(self):
         """
-        A refused connection is retried on another backend, after the
-        backoff, and the client gets that backend's answer.
+        A refused connection goes to another backend at once, as without
+        C{retry:}, and outside the budget: the backend never saw the
+        request, and a retry policy must not make failover worse than none.
         """
         self.a.mode = "refuse"
         client = self.send(request(b"/r/x"))
-        self.assertEqual((self.a.attempts, self.b.attempts), (1, 0))
-        self.assertEqual(client.received(), b"")
-        self.proxy.run(0.1)
-        self.assertEqual(self.b.attempts, 1)
+        self.assertEqual((self.a.attempts, self.b.attempts), (1, 1))
         self.answer(self.b)
         self.assertEqual(self.status(client), 200)
         self.assertEqual(self.runtime(A).breaker.failures, 1)
+        self.assertEqual((self.budget().retries, self.budget().rejected), (0, 0))
+        self.assert_clean()
+
+    def test_connect_failures_beyond_budget(self):
+        """
+        A burst of requests meeting a refusing backend all fail over, even
+        where their retries would not all fit the budget (at least 3).
+        """
+        self.a.mode = "refuse"
+        clients = [self.proxy.client() for _ in range(6)]
+        for client in clients:
+            client.send(request(b"/r/x"))
+        self.proxy.run()
+        self.assertEqual(self.a.attempts, 2)
+        for endpoint in (self.b, self.c):
+            for conn in endpoint.connections:
+                if conn.received():
+                    conn.respond(OK)
+        self.proxy.run()
+        self.assertEqual([self.status(c) for c in clients], [200] * 6)
+        self.assertEqual(self.budget().rejected, 0)
         self.assert_clean()
 
     def test_connect_failover_without_retry(self):
@@ -232,27 +251,32 @@ class RetryTests(ResilienceTestCase):
     def test_budget_exhausted(self):
         """
         Retries in flight are capped by the budget (at least 3 at once):
-        the fourth failing request in a burst gets its error, not a retry.
+        the fourth request in a burst answered 503 gets that answer, not a
+        retry.
         """
-        for endpoint in (self.a, self.b, self.c):
-            endpoint.mode = "refuse"
         clients = [self.proxy.client() for _ in range(4)]
         for client in clients:
             client.send(request(b"/r/x"))
         self.proxy.run()
-        self.assertEqual(self.budget().retries, 3)
-        self.assertEqual(self.budget().rejected, 1)
-        answered = [c for c in clients if c.received()]
-        self.assertEqual([self.status(c) for c in answered], [502])
-        for endpoint in (self.a, self.b, self.c):
-            endpoint.mode = "accept"
-        self.proxy.run(0.1)
+        first = []
         for endpoint in (self.a, self.b, self.c):
             for conn in endpoint.connections:
                 if conn.received():
+                    first.append(conn)
+                    conn.respond(UNAVAILABLE)
+        self.proxy.run()
+        self.assertEqual(self.budget().retries, 3)
+        self.assertEqual(self.budget().rejected, 1)
+        answered = [c for c in clients if c.received()]
+        self.assertEqual([self.status(c) for c in answered], [503])
+        self.proxy.run(0.1)
+        self.proxy.run()
+        for endpoint in (self.a, self.b, self.c):
+            for conn in endpoint.connections:
+                for _ in range(len(conn.requests()) - first.count(conn)):
                     conn.respond(OK)
         self.proxy.run()
-        self.assertEqual(sorted(self.status(c) for c in clients), [200, 200, 200, 502])
+        self.assertEqual(sorted(self.status(c) for c in clients), [200, 200, 200, 503])
         self.assert_clean()
 
     def test_per_try_timeout(self):
@@ -289,11 +313,11 @@ class RetryTests(ResilienceTestCase):
 
     def test_client_gone_during_backoff(self):
         """A client that leaves while its retry waits releases everything it held."""
-        self.a.mode = "refuse"
         client = self.send(request(b"/r/x"))
+        self.answer(self.a, UNAVAILABLE)
         client.reset()
         self.proxy.run(1)
-        self.assertEqual(self.b.attempts, 0)
+        self.assertEqual((self.b.attempts, self.c.attempts), (0, 0))
         self.assert_clean()
 
 
