@@ -83,6 +83,20 @@ class TLSProtocol(TLSMemoryBIOProtocol):
             # to do before the ClientHello arrives (dataReceived), so it
             # skips a handshake step that could only fail with WantRead.
             self._checkHandshakeStatus()
+        elif self._direct:
+            # The ClientHello is nearly always in the socket by the time the
+            # connection is accepted: read it now rather than after another
+            # turn of the reactor (an epoll_wait and a dispatch per
+            # handshake).  The reactor's own read handler does it, so a
+            # read error, an EOF or an exception end the connection exactly
+            # as they would on the next turn; an empty socket costs one
+            # recv that fails with EAGAIN.
+            # Only Twisted's epoll and poll reactors (their _PollLikeMixin)
+            # have this handler; others read on the next turn as before.
+            reactor = transport.reactor
+            poll_in = getattr(reactor, "_POLL_IN", None)
+            if poll_in is not None:
+                reactor._doReadOrWrite(transport, transport.fileno(), poll_in)
 
     def dataReceived(self, data):
         linger = self._linger
