@@ -8,7 +8,9 @@ to the factory it wraps; and what the proxy asks a TLS connection
 
 from __future__ import annotations
 
-from OpenSSL.SSL import Error, WantReadError
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+from OpenSSL.SSL import Error
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -17,6 +19,10 @@ from zope.interface import implementer
 from balance import _io
 from balance.interfaces import IDrainable
 from balance.tls.server import ServerTLS
+
+# Out-parameter of BIO_get_mem_data, which _flushSendBIO only uses for the
+# length it returns (the reactor is single-threaded).
+_PENDING = _ffi.new("char **")
 
 #: Seconds a connection may stay silent after Balance sent its close_notify
 #: and FIN, waiting for the peer to close its side, before it is aborted.
@@ -46,6 +52,15 @@ class TLSProtocol(TLSMemoryBIOProtocol):
 
     _direct = False
     _linger = None
+    #: Whether this side sends the first handshake message (a client).
+    _speaks_first = True
+
+    # The PROXY layer's addresses live on the socket transport, never on
+    # the TLS layer; without these, each lookup on the TLS layer (one per
+    # connection, in client_address) goes through ProtocolWrapper's
+    # __getattr__ and an AttributeError.
+    balance_proxied_source = None
+    balance_proxied_destination = None
 
     def makeConnection(self, transport):
         # TLSMemoryBIOProtocol.makeConnection and ProtocolWrapper's, minus
@@ -55,10 +70,33 @@ class TLSProtocol(TLSMemoryBIOProtocol):
         if _io.can_send_directly(transport):
             self._direct = True
             transport.setTcpNoDelay(True)
+            # The TLS layer is not an IHalfCloseableProtocol, so a FIN from
+            # the peer ends the connection: Twisted's readConnectionLost
+            # finds that out by a zope adaptation (hooks, registry lookup)
+            # on every close; go straight to what it would call.
+            transport.readConnectionLost = transport.connectionLost
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self.wrappedProtocol.makeConnection(self)
-        self._checkHandshakeStatus()
+        if self._speaks_first:
+            # A client speaks first (its ClientHello); a server has nothing
+            # to do before the ClientHello arrives (dataReceived), so it
+            # skips a handshake step that could only fail with WantRead.
+            self._checkHandshakeStatus()
+        elif self._direct:
+            # The ClientHello is nearly always in the socket by the time the
+            # connection is accepted: read it now rather than after another
+            # turn of the reactor (an epoll_wait and a dispatch per
+            # handshake).  The reactor's own read handler does it, so a
+            # read error, an EOF or an exception end the connection exactly
+            # as they would on the next turn; an empty socket costs one
+            # recv that fails with EAGAIN.
+            # Only Twisted's epoll and poll reactors (their _PollLikeMixin)
+            # have this handler; others read on the next turn as before.
+            reactor = transport.reactor
+            poll_in = getattr(reactor, "_POLL_IN", None)
+            if poll_in is not None:
+                reactor._doReadOrWrite(transport, transport.fileno(), poll_in)
 
     def dataReceived(self, data):
         linger = self._linger
@@ -72,10 +110,18 @@ class TLSProtocol(TLSMemoryBIOProtocol):
             # Closing the socket after a half-close ends the connection at
             # once (connectionLost has run); nothing is left to send.
             return
-        try:
-            data = connection.bio_read(2**15)
-        except WantReadError:
+        if self._direct and not self.transport.connected:
+            # The socket is closed (say in connectionLost, after OpenSSL
+            # wrote an alert about the EOF): the transport would drop the
+            # bytes anyway, so do not copy them out.
             return
+        # Ask the memory BIO how much it holds instead of letting bio_read
+        # fail with WantReadError (an exception, and a 32 KiB buffer, per
+        # empty read: several per handshake).
+        pending = _lib.BIO_get_mem_data(connection._from_ssl, _PENDING)
+        if pending <= 0:
+            return
+        data = connection.bio_read(pending)
         if self._direct:
             _io.send(self.transport, data)
         else:
@@ -109,6 +155,8 @@ class TLSProtocol(TLSMemoryBIOProtocol):
 
 class _ServerTLSProtocol(TLSProtocol):
     """A client's TLS layer on a listener; counts how its handshake ended."""
+
+    _speaks_first = False
 
     def _checkHandshakeStatus(self):
         # Twisted calls this only while the handshake is in progress.
