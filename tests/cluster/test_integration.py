@@ -110,6 +110,11 @@ class PolicyIntegrationTests(TestCase):
             connect_client(self.port, client).addErrback(client.lost.errback)
         yield wait_for(lambda: a.active + b.active == 6, what="six tunnels open")
         self.assertEqual((a.active, b.active), (3, 3))
+        # Counted at connect time: wait until the backends have them all.
+        yield wait_for(
+            lambda: [len(f.protocols) for f in self.echoes] == [3, 3],
+            what="the backends accepted all six",
+        )
         for protocol in self.echoes[1].protocols:
             protocol.transport.loseConnection()
         yield wait_for(lambda: b.active == 0, what="the second backend's tunnels closed")
