@@ -89,7 +89,7 @@ class DownstreamConnection(Protocol):
         "_parser", "_direct", "_wbuf", "_active", "_queue", "_receiving", "_start_pending",
         "_closing", "_paused", "upstream_full", "draining", "_pending_reject", "_url",
         "_headers", "_head_bytes", "_in_head", "_body_mark", "_framing", "_timer",
-        "_deadline", "_timer_kind", "bytes_in", "bytes_out", "_upgrading", "_held",
+        "_deadline", "_timer_kind", "_tlist", "bytes_in", "bytes_out", "_upgrading", "_held",
         "_skipped_body", "_synthetic", "tunnel", "proxy_headers", "client_subject",
         "tls_version",
     )  # fmt: skip
@@ -121,6 +121,8 @@ class DownstreamConnection(Protocol):
         self._timer = None
         self._deadline = 0.0
         self._timer_kind = _TIMER_HEAD
+        # The listener's timer list holding the head or idle deadline.
+        self._tlist = None
         self.bytes_in = 0
         self.bytes_out = 0
         # Upgrades: the exchange whose request made the parser stop (its
@@ -231,9 +233,7 @@ class DownstreamConnection(Protocol):
     def connectionLost(self, reason):
         self.gone = True
         self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stop_timers()
         ex = self._active
         self._active = None
         self._queue = None
@@ -322,9 +322,7 @@ class DownstreamConnection(Protocol):
         the listener's books, where the successor takes this place.
         """
         self.gone = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stop_timers()
         self.ctx.connections.discard(self)
 
     def abort(self) -> None:
@@ -659,9 +657,7 @@ class DownstreamConnection(Protocol):
         self.bytes_in -= len(held)
         ctx = self.ctx
         ctx.listener_metrics.bytes_in -= len(held)
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._stop_timers()
         self._paused = False
         tunnel = self.tunnel = Tunnel(
             ctx.reactor,
@@ -693,18 +689,38 @@ class DownstreamConnection(Protocol):
             self._closing = True
             self.transport.loseConnection()
 
-    # -- one timer per connection ----------------------------------------------
+    # -- timers ------------------------------------------------------------------
+    #
+    # The head and idle deadlines (a fixed delay after they are set) live in
+    # the listener's timer lists, which share one reactor timer: an idle
+    # connection holds no DelayedCall.  An exchange's deadline (its route
+    # timeout) has a DelayedCall of its own, made by arm().
 
     def _set_timer(self, kind: int, delay: float) -> None:
-        """Make the connection's deadline C{delay} seconds from now."""
+        """Make the connection's head or idle deadline C{delay} seconds from now."""
         self._timer_kind = kind
-        self.arm(self.ctx.reactor.seconds() + delay)
+        tlist = self.ctx.timers(delay)
+        old = self._tlist
+        if old is not tlist:
+            if old is not None:
+                old.discard(self)
+            self._tlist = tlist
+        self._deadline = tlist.add(self)
+
+    def _stop_timers(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        tlist, self._tlist = self._tlist, None
+        if tlist is not None:
+            tlist.discard(self)
 
     def arm(self, deadline: float) -> None:
         """
-        Make sure the timer fires by C{deadline}.  A deadline that moves
-        later costs nothing: the timer re-arms itself when it fires early,
-        so there is about one reactor call per connection, not per request.
+        Make sure the exchange's timer fires by C{deadline}.  A deadline
+        that moves later costs nothing: the timer re-arms itself when it
+        fires early, so there is about one reactor call per connection, not
+        per request.
         """
         self._deadline = deadline
         timer = self._timer
@@ -716,17 +732,31 @@ class DownstreamConnection(Protocol):
             timer.reset(deadline - self.ctx.reactor.seconds())
 
     def _on_timer(self) -> None:
+        """The exchange's timer: it times out the active exchange."""
         self._timer = None
-        if self.gone:
+        ex = self._active
+        if self.gone or ex is None:
+            # Between exchanges the timer lists keep the deadlines.
             return
         now = self.ctx.reactor.seconds()
-        ex = self._active
-        deadline = ex.deadline if ex is not None and ex.deadline else self._deadline
+        deadline = ex.deadline or self._deadline
         if deadline > now:
             self._timer = self.ctx.reactor.callLater(deadline - now, self._on_timer)
             return
+        if ex.response_done:
+            return
+        ex.timed_out()
+        self.flush()
+
+    def deadline_passed(self) -> None:
+        """The head or idle deadline passed (called by the timer list)."""
+        self._tlist = None
+        if self.gone:
+            return
+        ex = self._active
         if ex is not None:
-            if ex.response_done:
+            if ex.deadline or ex.response_done:
+                # The exchange's own deadline governs it.
                 return
             ex.timed_out()
             self.flush()
