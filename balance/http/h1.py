@@ -691,21 +691,27 @@ class DownstreamConnection(Protocol):
 
     # -- timers ------------------------------------------------------------------
     #
-    # The head and idle deadlines (a fixed delay after they are set) live in
-    # the listener's timer lists, which share one reactor timer: an idle
-    # connection holds no DelayedCall.  An exchange's deadline (its route
-    # timeout) has a DelayedCall of its own, made by arm().
+    # Every deadline of a connection is normally a fixed delay after it is
+    # set (the handshake or idle timeout, a route's timeout), so it lives in
+    # one of the listener's timer lists, which share one reactor timer per
+    # delay: a connection holds no DelayedCall.  A deadline that is not (the
+    # rest of a route timeout after a per-try timeout fired, say) gets a
+    # DelayedCall of its own.
 
     def _set_timer(self, kind: int, delay: float) -> None:
         """Make the connection's head or idle deadline C{delay} seconds from now."""
         self._timer_kind = kind
+        self._deadline = self._enlist(delay)
+
+    def _enlist(self, delay: float) -> float:
+        """Move the connection to the timer list of C{delay}; return its deadline."""
         tlist = self.ctx.timers(delay)
         old = self._tlist
         if old is not tlist:
             if old is not None:
                 old.discard(self)
             self._tlist = tlist
-        self._deadline = tlist.add(self)
+        return tlist.add(self)
 
     def _stop_timers(self) -> None:
         timer, self._timer = self._timer, None
@@ -715,48 +721,50 @@ class DownstreamConnection(Protocol):
         if tlist is not None:
             tlist.discard(self)
 
-    def arm(self, deadline: float) -> None:
+    def arm(self, deadline: float, delay: float | None = None) -> None:
         """
-        Make sure the exchange's timer fires by C{deadline}.  A deadline
-        that moves later costs nothing: the timer re-arms itself when it
-        fires early, so there is about one reactor call per connection, not
-        per request.
+        Make sure the timer fires by C{deadline}, the active exchange's.
+
+        :param delay: how far C{deadline} was from now when it was
+            computed; the deadline then goes into the timer list of that
+            delay instead of a timer of its own.
         """
         self._deadline = deadline
+        if delay is not None:
+            self._enlist(delay)
+            return
+        self._call_at(deadline)
+
+    def _call_at(self, deadline: float) -> None:
         timer = self._timer
+        reactor = self.ctx.reactor
         if timer is None:
-            self._timer = self.ctx.reactor.callLater(
-                deadline - self.ctx.reactor.seconds(), self._on_timer
-            )
+            self._timer = reactor.callLater(deadline - reactor.seconds(), self._on_timer)
         elif timer.getTime() > deadline:
-            timer.reset(deadline - self.ctx.reactor.seconds())
+            timer.reset(deadline - reactor.seconds())
 
     def _on_timer(self) -> None:
-        """The exchange's timer: it times out the active exchange."""
+        """The connection's own timer fired."""
         self._timer = None
-        ex = self._active
-        if self.gone or ex is None:
-            # Between exchanges the timer lists keep the deadlines.
-            return
-        now = self.ctx.reactor.seconds()
-        deadline = ex.deadline or self._deadline
-        if deadline > now:
-            self._timer = self.ctx.reactor.callLater(deadline - now, self._on_timer)
-            return
-        if ex.response_done:
-            return
-        ex.timed_out()
-        self.flush()
+        self._expire()
 
     def deadline_passed(self) -> None:
-        """The head or idle deadline passed (called by the timer list)."""
+        """The deadline in a timer list passed (called by the list)."""
         self._tlist = None
+        self._expire()
+
+    def _expire(self) -> None:
         if self.gone:
             return
+        now = self.ctx.reactor.seconds()
         ex = self._active
+        deadline = ex.deadline if ex is not None and ex.deadline else self._deadline
+        if deadline > now:
+            if self._tlist is None:
+                self._call_at(deadline)
+            return
         if ex is not None:
-            if ex.deadline or ex.response_done:
-                # The exchange's own deadline governs it.
+            if ex.response_done:
                 return
             ex.timed_out()
             self.flush()
