@@ -13,7 +13,36 @@ from __future__ import annotations
 
 from twisted.internet import tcp
 
-_DIRECT = (tcp.Server, tcp.Client)
+
+class LeanServer(tcp.Server):
+    """
+    A C{tcp.Server} that makes its log prefix and its repr when asked for
+    them: Twisted formats both for every accepted connection, two strings
+    (about 160 bytes) that an idle connection would otherwise hold.
+    """
+
+    @property
+    def logstr(self) -> str:
+        protocol = getattr(self, "protocol", None)
+        return f"{self._getLogPrefix(protocol)},{self.sessionno},{self.hostname}"
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        """Made on demand: what tcp.Server.__init__ sets is dropped."""
+
+    @property
+    def repstr(self) -> str:
+        name = type(getattr(self, "protocol", None)).__name__
+        return f"<{name} #{self.sessionno} on {self.server._realPortNumber}>"
+
+    @repstr.setter
+    def repstr(self, value: str) -> None:
+        """Made on demand: what tcp.Server.__init__ sets is dropped."""
+
+
+# Exact types: a TLS transport subclasses none of these, but a subclass
+# could change what writing means.
+_DIRECT = (tcp.Server, tcp.Client, LeanServer)
 
 
 def can_send_directly(transport) -> bool:

@@ -182,6 +182,8 @@ class Builder:
             new.per_ip = old.per_ip
             new._drained = old._drained
             new.draining = old.draining
+            # The connections' deadlines stay in the lists they are in.
+            new.timers = old.timers
             for conn in old.connections:
                 conn.ctx = new
             factory.context = new

@@ -7,9 +7,11 @@ stop, stop accepting and drain the connections in flight.
 from __future__ import annotations
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
+
+from balance._io import LeanServer
 
 #: The listen(2) backlog when the endpoint string gives none.  Twisted's
 #: default of 50 overflows under a burst of connections: the kernel then
@@ -85,6 +87,8 @@ class ListenerService(StreamServerEndpointService):
 
     def _listening(self, port):
         self.port = port
+        if type(port) is tcp.Port and port.transport is tcp.Server:
+            port.transport = LeanServer
         logger = getattr(port, "_logger", None)
         if isinstance(logger, Logger):
             # Twisted logs three lines per connection it must close while

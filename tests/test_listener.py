@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 from balance.cluster.cluster import Cluster
 from balance.config import model
 from balance.l4.relay import L4ProxyFactory
-from balance.listener import ListenerService
+from balance.listener import LeanServer, ListenerService
 from tests.helpers import (
     CheckingClient,
     EchoFactory,
@@ -44,6 +44,30 @@ class ListenTests(TestCase):
         return connect_client(service.port.getHost().port, client).addCallback(
             lambda _: client.lost
         )
+
+    @inlineCallbacks
+    def test_lean_transports(self):
+        """
+        Accepted connections hold no log prefix or repr strings; both are
+        still there when asked for, also after the connection closed.
+        """
+        echo = EchoFactory()
+        service = ListenerService(LOCAL, echo, reactor, 1.0)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service.port.getHost().port
+        client = CheckingClient(b"hi")
+        yield connect_client(port, client)
+        yield wait_for(lambda: echo.protocols, what="the connection accepted")
+        transport = echo.protocols[0].transport
+        self.assertIsInstance(transport, LeanServer)
+        self.assertNotIn("logstr", vars(transport))
+        self.assertNotIn("repstr", vars(transport))
+        name = type(echo.protocols[0]).__name__
+        self.assertEqual(transport.logPrefix(), f"{name},{transport.sessionno},127.0.0.1")
+        self.assertEqual(repr(transport), f"<{name} #{transport.sessionno} on {port}>")
+        yield client.lost
+        self.assertIn(",127.0.0.1", transport.logPrefix())
 
     def test_bind_failure_raises(self):
         """

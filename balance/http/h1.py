@@ -89,7 +89,7 @@ class DownstreamConnection(Protocol):
         "_parser", "_direct", "_wbuf", "_active", "_queue", "_receiving", "_start_pending",
         "_closing", "_paused", "upstream_full", "draining", "_pending_reject", "_url",
         "_headers", "_head_bytes", "_in_head", "_body_mark", "_framing", "_timer",
-        "_deadline", "_timer_kind", "bytes_in", "bytes_out", "_upgrading", "_held",
+        "_deadline", "_timer_kind", "_tlist", "bytes_in", "bytes_out", "_upgrading", "_held",
         "_skipped_body", "_synthetic", "tunnel", "proxy_headers", "client_subject",
         "tls_version",
     )  # fmt: skip
@@ -121,6 +121,8 @@ class DownstreamConnection(Protocol):
         self._timer = None
         self._deadline = 0.0
         self._timer_kind = _TIMER_HEAD
+        # The listener's timer list holding the head or idle deadline.
+        self._tlist = None
         self.bytes_in = 0
         self.bytes_out = 0
         # Upgrades: the exchange whose request made the parser stop (its
@@ -231,9 +233,7 @@ class DownstreamConnection(Protocol):
     def connectionLost(self, reason):
         self.gone = True
         self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stop_timers()
         ex = self._active
         self._active = None
         self._queue = None
@@ -322,9 +322,7 @@ class DownstreamConnection(Protocol):
         the listener's books, where the successor takes this place.
         """
         self.gone = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stop_timers()
         self.ctx.connections.discard(self)
 
     def abort(self) -> None:
@@ -659,9 +657,7 @@ class DownstreamConnection(Protocol):
         self.bytes_in -= len(held)
         ctx = self.ctx
         ctx.listener_metrics.bytes_in -= len(held)
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._stop_timers()
         self._paused = False
         tunnel = self.tunnel = Tunnel(
             ctx.reactor,
@@ -693,37 +689,79 @@ class DownstreamConnection(Protocol):
             self._closing = True
             self.transport.loseConnection()
 
-    # -- one timer per connection ----------------------------------------------
+    # -- timers ------------------------------------------------------------------
+    #
+    # Every deadline of a connection is normally a fixed delay after it is
+    # set (the handshake or idle timeout, a route's timeout), so it lives in
+    # one of the listener's timer lists, which share one reactor timer per
+    # delay: a connection holds no DelayedCall.  A deadline that is not (the
+    # rest of a route timeout after a per-try timeout fired, say) gets a
+    # DelayedCall of its own.
 
     def _set_timer(self, kind: int, delay: float) -> None:
-        """Make the connection's deadline C{delay} seconds from now."""
+        """Make the connection's head or idle deadline C{delay} seconds from now."""
         self._timer_kind = kind
-        self.arm(self.ctx.reactor.seconds() + delay)
+        self._deadline = self._enlist(delay)
 
-    def arm(self, deadline: float) -> None:
+    def _enlist(self, delay: float) -> float:
+        """Move the connection to the timer list of C{delay}; return its deadline."""
+        tlist = self.ctx.timers(delay)
+        old = self._tlist
+        if old is not tlist:
+            if old is not None:
+                old.discard(self)
+            self._tlist = tlist
+        return tlist.add(self)
+
+    def _stop_timers(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        tlist, self._tlist = self._tlist, None
+        if tlist is not None:
+            tlist.discard(self)
+
+    def arm(self, deadline: float, delay: float | None = None) -> None:
         """
-        Make sure the timer fires by C{deadline}.  A deadline that moves
-        later costs nothing: the timer re-arms itself when it fires early,
-        so there is about one reactor call per connection, not per request.
+        Make sure the timer fires by C{deadline}, the active exchange's.
+
+        :param delay: how far C{deadline} was from now when it was
+            computed; the deadline then goes into the timer list of that
+            delay instead of a timer of its own.
         """
         self._deadline = deadline
+        if delay is not None:
+            self._enlist(delay)
+            return
+        self._call_at(deadline)
+
+    def _call_at(self, deadline: float) -> None:
         timer = self._timer
+        reactor = self.ctx.reactor
         if timer is None:
-            self._timer = self.ctx.reactor.callLater(
-                deadline - self.ctx.reactor.seconds(), self._on_timer
-            )
+            self._timer = reactor.callLater(deadline - reactor.seconds(), self._on_timer)
         elif timer.getTime() > deadline:
-            timer.reset(deadline - self.ctx.reactor.seconds())
+            timer.reset(deadline - reactor.seconds())
 
     def _on_timer(self) -> None:
+        """The connection's own timer fired."""
         self._timer = None
+        self._expire()
+
+    def deadline_passed(self) -> None:
+        """The deadline in a timer list passed (called by the list)."""
+        self._tlist = None
+        self._expire()
+
+    def _expire(self) -> None:
         if self.gone:
             return
         now = self.ctx.reactor.seconds()
         ex = self._active
         deadline = ex.deadline if ex is not None and ex.deadline else self._deadline
         if deadline > now:
-            self._timer = self.ctx.reactor.callLater(deadline - now, self._on_timer)
+            if self._tlist is None:
+                self._call_at(deadline)
             return
         if ex is not None:
             if ex.response_done:

@@ -181,8 +181,8 @@ class H2Stream(QueuedStream):
         """The response cannot be completed: reset this stream (only)."""
         self.conn.reset_stream(self, ErrorCodes.INTERNAL_ERROR)
 
-    def arm(self, deadline: float) -> None:
-        """Make sure the connection's timer fires by C{deadline}."""
+    def arm(self, deadline: float, delay: float | None = None) -> None:
+        """Make sure the connection's timer fires by C{deadline} (C{delay} is unused)."""
         self.conn.arm(deadline)
 
     def exchange_done(self, ex: Exchange) -> None:

@@ -354,10 +354,9 @@ class Exchange:
             return
         self.cluster = cluster
         self._slot = True
-        self.deadline = ctx.reactor.seconds() + (
-            route.timeout if route.timeout is not None else ctx.default_timeout
-        )
-        down.arm(self.deadline)
+        timeout = route.timeout if route.timeout is not None else ctx.default_timeout
+        self.deadline = ctx.reactor.seconds() + timeout
+        down.arm(self.deadline, timeout)
         if ctx.retry_policies:
             retry = ctx.retry_policies.get(route)
             if retry is not None:
@@ -417,7 +416,7 @@ class Exchange:
                 rs.try_deadline = deadline = down.ctx.reactor.seconds() + timeout
                 if deadline < rs.route_deadline:
                     self.deadline = deadline
-                    down.arm(deadline)
+                    down.arm(deadline, timeout)
         model = cluster.model
         self.pool = down.ctx.pools.get(backend, model.pool, cluster.h2_scheme)
         if model.send_proxy_protocol is not None:

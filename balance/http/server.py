@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from balance._timers import TimerLists
 from balance.acl import CidrMatcher
 from balance.cluster.retry import RetryBudget, RetryPolicy
 from balance.config import model
@@ -138,6 +139,8 @@ class HTTPContext:
         self.max_per_ip = listener.limits.max_connections_per_ip
         self.draining = False
         self._drained: list[Deferred] = []
+        # Head and idle deadlines of the connections, one timer per delay.
+        self.timers = TimerLists(reactor)
 
     # -- head builders, bound to this listener --------------------------------------
 
@@ -236,6 +239,8 @@ class HTTPContext:
         else:
             per_ip.pop(ip, None)
         self.listener_metrics.active -= 1
+        if not self.connections:
+            self.timers.stop_if_empty()
         if not self.connections and self._drained:
             waiting, self._drained = self._drained, []
             for d in waiting:

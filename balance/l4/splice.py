@@ -62,9 +62,11 @@ import os
 import socket
 import sys
 
-from twisted.internet import error, tcp
+from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+
+from balance import _io
 
 #: Whether L{can_splice} may say yes.  Tests and benchmarks switch it off to
 #: measure the producer/consumer relay.
@@ -80,7 +82,7 @@ ENABLED = (
 PIPE_SIZE = 1 << 16
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_TCP = (tcp.Server, tcp.Client)
+_TCP = _io._DIRECT
 
 
 def can_splice(a, b) -> bool:

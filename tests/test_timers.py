@@ -1,0 +1,100 @@
+"""Tests for L{balance._timers}."""
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from balance._timers import TimerList, TimerLists
+
+
+class Owner:
+    def __init__(self, log, name, again=None):
+        self.log, self.name, self.again = log, name, again
+
+    def deadline_passed(self):
+        self.log.append(self.name)
+        if self.again is not None:
+            self.again.add(self)
+
+
+class TimerListTests(SynchronousTestCase):
+    """One shared timer expires each owner exactly at its deadline."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.log = []
+        self.timers = TimerList(self.clock, 10.0)
+
+    def test_exact_expiry_in_order(self):
+        """Owners added at different times expire at their own deadlines."""
+        a, b = Owner(self.log, "a"), Owner(self.log, "b")
+        self.assertEqual(self.timers.add(a), 10.0)
+        self.clock.advance(3)
+        self.timers.add(b)
+        self.clock.advance(6.9)
+        self.assertEqual(self.log, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.log, ["a"])
+        self.clock.advance(2.9)
+        self.assertEqual(self.log, ["a"])
+        self.clock.advance(0.1)
+        self.assertEqual(self.log, ["a", "b"])
+        self.assertEqual(len(self.timers), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_rearm_and_discard(self):
+        """Re-adding moves the deadline later; a discarded owner never expires."""
+        a, b = Owner(self.log, "a"), Owner(self.log, "b")
+        self.timers.add(a)
+        self.timers.add(b)
+        self.clock.advance(5)
+        self.timers.add(a)
+        self.timers.discard(b)
+        self.clock.advance(5)
+        self.assertEqual(self.log, [])
+        self.clock.advance(5)
+        self.assertEqual(self.log, ["a"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_one_reactor_call(self):
+        """However many owners, the list holds one DelayedCall."""
+        for i in range(100):
+            self.timers.add(Owner(self.log, i))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(10)
+        self.assertEqual(self.log, list(range(100)))
+
+    def test_readd_from_handler(self):
+        """An owner may arm itself again, in this list or another, when it expires."""
+        other = TimerLists(self.clock)(2.0)
+        a = Owner(self.log, "a", again=other)
+        self.timers.add(a)
+        self.clock.advance(10)
+        self.clock.advance(2)
+        self.assertEqual(self.log, ["a", "a"])
+
+    def test_failing_handler(self):
+        """A handler that raises is logged; the others still expire."""
+
+        class Bad:
+            def deadline_passed(self):
+                raise RuntimeError("boom")
+
+        self.timers.add(Bad())
+        self.timers.add(Owner(self.log, "b"))
+        self.clock.advance(10)
+        self.assertEqual(self.log, ["b"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_stop_if_empty(self):
+        """An emptied list's timer can be cancelled at once; a list with owners keeps it."""
+        lists = TimerLists(self.clock)
+        a = Owner(self.log, "a")
+        lists(5.0).add(a)
+        lists.stop_if_empty()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        lists(5.0).discard(a)
+        lists.stop_if_empty()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        lists(5.0).add(a)
+        self.clock.advance(5)
+        self.assertEqual(self.log, ["a"])
