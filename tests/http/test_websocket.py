@@ -25,6 +25,7 @@ from balance.http.websocket import (
     is_websocket,
 )
 from balance.observe.metrics import Counter
+from balance.testing import InMemoryProxy
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -251,3 +252,34 @@ class FrameGuardTests(unittest.TestCase):
         to_client, to_backend = guard.farewell()
         self.assertEqual(to_client, b"")
         self.assertTrue(to_backend)
+
+
+class H2ClusterTests(unittest.TestCase):
+    """WebSocket is not offered to HTTP/2 backends (RFC 8441)."""
+
+    def test_upgrade_to_h2_cluster(self):
+        """An upgrade routed to an C{upstream_protocol: h2} cluster is 502, never sent."""
+        proxy = InMemoryProxy(
+            """
+            listeners:
+              - name: web
+                listen: "tcp:8080"
+                routes:
+                  - match: {path_prefix: /}
+                    cluster: grpc
+                    websocket: true
+            clusters:
+              - name: grpc
+                upstream_protocol: h2
+                backends: ["10.0.0.1:80"]
+            """
+        )
+        client = proxy.client()
+        client.send(
+            b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        proxy.run()
+        [response] = client.responses()
+        self.assertEqual(response.status, 502)
+        self.assertEqual(proxy.endpoints["10.0.0.1:80"].attempts, 0)
