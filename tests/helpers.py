@@ -76,14 +76,26 @@ def unix_socket_path(testcase, name: str = "sock") -> str:
     return os.path.join(directory, name)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
+    """
+    A TCP port on 127.0.0.1 that nothing listens on right now, and that
+    this process was not given before (the kernel may hand the same free
+    port to two binds in a row, and a test often asks for several before
+    binding any).
+    """
+    while True:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        finally:
+            s.close()
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_open(port: int) -> bool:
