@@ -562,11 +562,7 @@ class Exchange:
         )
         if backend is None:
             return False
-        rs = self.rs
-        if rs.retrying:
-            # This try's claim on the budget is over.
-            rs.retrying = False
-            rs.budget.retry_finished()
+        # _end_try, before, ended this try's claim on the budget.
         self._pick(backend)
         return True
 
