@@ -136,6 +136,12 @@ class _Tries:
         self.kept = kept
         self.timed_out = False
 
+    def end_retry(self) -> None:
+        """The try in flight, if a retry, no longer counts in the budget."""
+        if self.retrying:
+            self.retrying = False
+            self.budget.retry_finished()
+
 
 class Exchange:
     """
@@ -542,9 +548,7 @@ class Exchange:
         if rs is not None:
             if rs.try_deadline:
                 self._clear_try_deadline(rs)
-            if rs.retrying:
-                rs.retrying = False
-                rs.budget.retry_finished()
+            rs.end_retry()
 
     def _fail_over(self) -> bool:
         """
@@ -572,10 +576,8 @@ class Exchange:
         policy (attempts, method, replayable body, C{on:}) and its budget.
         """
         rs = self.rs
-        if rs.retrying:
-            # This try's own claim on the budget is over.
-            rs.retrying = False
-            rs.budget.retry_finished()
+        # This try's own claim on the budget is over.
+        rs.end_retry()
         replayable = not sent or (self.request_done and rs.kept is not None)
         if not rs.policy.should_retry(rs.count, outcome, self.method, sent, status, replayable):
             return False
@@ -974,9 +976,7 @@ class Exchange:
                 rs.backoff = None
                 if backoff.active():
                     backoff.cancel()
-            if rs.retrying:
-                rs.retrying = False
-                rs.budget.retry_finished()
+            rs.end_retry()
             rs.budget.request_finished()
         self.cluster.breakers.release_request()
 
