@@ -21,7 +21,11 @@ It prints handshakes per second and the proxy's CPU time per handshake
 
     python3 bench/tls.py [--duration 5] [--reps 3] [--clients 1]
         [--peers balance,haproxy,nginx] [--modes full,full+GET,resumed+GET]
-        [--json out.json]
+        [--json out.json] [--variant LABEL=PYTHON ...]
+
+C{--variant base=/path/to/python} adds a peer C{balance@base}: Balance run by
+another interpreter (another checkout or venv), measured in the same run as
+C{balance} for an A/B comparison.
 
 See bench/README.md.  Linux only; Python 3.11+ standard library, the
 C{openssl} command line tool, and the process helpers of bench/http1.py.
@@ -150,11 +154,12 @@ http {{
 
 def start_peer(name: str, a, procs: Procs, d: str, cert: str, key: str, both: str):
     port = free_port()
-    if name == "balance":
-        cfg = os.path.join(d, "balance.yaml")
+    if name == "balance" or name.startswith("balance@"):
+        python = a.variants.get(name, a.balance_python)
+        cfg = os.path.join(d, f"{name}.yaml")
         with open(cfg, "w") as f:
             f.write(balance_conf(port, cert, key))
-        base = [a.balance_python, "-m", "twisted", "--log-format=text", "balance", "--config", cfg]
+        base = [python, "-m", "twisted", "--log-format=text", "balance", "--config", cfg]
         p = subprocess.run([*base, "--check"], capture_output=True, text=True, cwd=d)
         if p.returncode != 0:
             raise Skip(f"Balance refused {cfg}: {(p.stdout + p.stderr).strip()[-600:]}")
@@ -304,6 +309,8 @@ def parse_args(argv):
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated (%(default)s)")
     ap.add_argument("--balance-python", default=sys.executable,
                     help="interpreter with Balance installed (this one)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=PYTHON",
+                    help="also measure Balance run by PYTHON, as peer balance@LABEL")
     ap.add_argument("--proxy-cpu", type=int, default=1, help="CPU the proxies run on (1)")
     ap.add_argument("--load-cpu", type=int, default=0, help="CPU for s_time (0)")
     ap.add_argument("--noise-threshold", type=float, default=0.10,
@@ -313,9 +320,16 @@ def parse_args(argv):
     ap.add_argument("--json", metavar="FILE", help="write every run and the summary as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     a = ap.parse_args(argv)
+    a.variants = {}
+    for v in a.variant:
+        label, sep, python = v.partition("=")
+        if not sep or not label or not python:
+            ap.error(f"--variant wants LABEL=PYTHON, not {v!r}")
+        a.variants[f"balance@{label}"] = python
     a.peer_list = [p for p in a.peers.split(",") if p]
+    a.peer_list += [p for p in a.variants if p not in a.peer_list]
     a.mode_list = [m for m in a.modes.split(",") if m]
-    bad = [p for p in a.peer_list if p not in PEERS] + [m for m in a.mode_list if m not in MODES]
+    bad = [p for p in a.peer_list if p not in PEERS and p not in a.variants] + [m for m in a.mode_list if m not in MODES]
     if bad:
         ap.error(f"unknown peer(s) or mode(s): {', '.join(bad)}")
     return a
