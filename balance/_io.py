@@ -11,15 +11,40 @@ and flow control intact.
 
 from __future__ import annotations
 
-from twisted.internet import tcp
+import socket
+
+from twisted.internet import address, tcp
+from twisted.python import log
 
 
 class LeanServer(tcp.Server):
     """
     A C{tcp.Server} that makes its log prefix and its repr when asked for
     them: Twisted formats both for every accepted connection, two strings
-    (about 160 bytes) that an idle connection would otherwise hold.
+    (about 160 bytes) that an idle connection would otherwise hold, and
+    works out the log prefix (an interface lookup and a class name) to do
+    so.
     """
+
+    def __init__(self, sock, protocol, client, server, sessionno, reactor):
+        # tcp.Server.__init__ with the classes it calls (Connection,
+        # FileDescriptor), less the two strings; tests.test_listener checks
+        # that it sets what they set.
+        self.reactor = reactor
+        self._tempDataBuffer = []
+        self._tempDataLen = 0
+        self.socket = sock
+        sock.setblocking(False)
+        self.fileno = sock.fileno
+        self.protocol = protocol
+        if len(client) != 2:
+            self._addressType = address.IPv6Address
+        self.server = server
+        self.client = client
+        self.sessionno = sessionno
+        self.hostname = client[0]
+        self.startReading()
+        self.connected = 1
 
     @property
     def logstr(self) -> str:
@@ -38,6 +63,57 @@ class LeanServer(tcp.Server):
     @repstr.setter
     def repstr(self, value: str) -> None:
         """Made on demand: what tcp.Server.__init__ sets is dropped."""
+
+
+class LeanPort(tcp.Port):
+    """
+    A C{tcp.Port} whose accept loop does less per connection than
+    Twisted's: no log-buffering context per readable event, and the
+    accepted socket made from its descriptor directly (C{socket.accept}
+    converts the family and type to enums on every call).  Any error other
+    than "nothing more to accept" is left to Twisted's loop, which knows
+    what each one means (running out of descriptors, a connection reset
+    while queued, a firewall's EPERM).
+
+    Connections get a L{LeanServer}.
+    """
+
+    transport = LeanServer
+
+    def doRead(self):
+        accept = self.socket._accept
+        family = self.addressFamily
+        limit = self.numberAccepts
+        accepted = 0
+        try:
+            while accepted < limit:
+                try:
+                    fd, addr = accept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    tcp.Port.doRead(self)
+                    return
+                accepted += 1
+                skt = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                if len(addr) == 4:
+                    # IPv6: keep the scope id, as Twisted does.
+                    host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0], *addr[1:])
+                protocol = self.factory.buildProtocol(self._addressType("TCP", *addr))
+                if protocol is None:
+                    skt.close()
+                    continue
+                s = self.sessionno
+                self.sessionno = s + 1
+                protocol.makeConnection(self.transport(skt, protocol, addr, self, s, self.reactor))
+        except BaseException:
+            log.deferr()
+        # Twisted's scaling of the accepts per readable event.
+        if accepted == limit:
+            self.numberAccepts = limit + 20
+        else:
+            self.numberAccepts = max(1, accepted)
 
 
 # Exact types: a TLS transport subclasses none of these, but a subclass

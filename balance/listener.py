@@ -11,7 +11,7 @@ from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from balance._io import LeanServer
+from balance._io import LeanPort, LeanServer
 
 #: The listen(2) backlog when the endpoint string gives none.  Twisted's
 #: default of 50 overflows under a burst of connections: the kernel then
@@ -88,7 +88,8 @@ class ListenerService(StreamServerEndpointService):
     def _listening(self, port):
         self.port = port
         if type(port) is tcp.Port and port.transport is tcp.Server:
-            port.transport = LeanServer
+            # The same object, with Balance's accept loop (and LeanServer).
+            port.__class__ = LeanPort
         logger = getattr(port, "_logger", None)
         if isinstance(logger, Logger):
             # Twisted logs three lines per connection it must close while

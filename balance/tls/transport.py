@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
-from OpenSSL.SSL import Error
+from OpenSSL.SSL import Error, WantReadError
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.main import CONNECTION_LOST
 from twisted.internet.protocol import Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from balance import _io
@@ -23,6 +26,13 @@ from balance.tls.server import ServerTLS
 # Out-parameter of BIO_get_mem_data, which _flushSendBIO only uses for the
 # length it returns (the reactor is single-threaded).
 _PENDING = _ffi.new("char **")
+
+_BIO_pending = _lib.BIO_get_mem_data
+_SSL_do_handshake = _lib.SSL_do_handshake
+_SSL_get_error = _lib.SSL_get_error
+_SSL_pending = _lib.SSL_pending
+_SSL_set_accept_state = _lib.SSL_set_accept_state
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
 
 #: Seconds a connection may stay silent after Balance sent its close_notify
 #: and FIN, waiting for the peer to close its side, before it is aborted.
@@ -154,20 +164,107 @@ class TLSProtocol(TLSMemoryBIOProtocol):
 
 
 class _ServerTLSProtocol(TLSProtocol):
-    """A client's TLS layer on a listener; counts how its handshake ended."""
+    """
+    A client's TLS layer on a listener; counts how its handshake ended.
+
+    Its handshake takes the shortest way through pyOpenSSL and Twisted's
+    layer, which a handshake-only client (a new connection per request, a
+    health check) pays for in full on every connection: OpenSSL is asked
+    directly whether it needs more bytes (rather than through a raised and
+    caught C{WantReadError}), nothing is read back after the handshake
+    unless bytes are left to read, and a connection that ends with nothing
+    left to read skips the read that would only find the end.
+    """
 
     _speaks_first = False
 
-    def _checkHandshakeStatus(self):
-        # Twisted calls this only while the handshake is in progress.
-        super()._checkHandshakeStatus()
+    def makeConnection(self, transport):
+        # TLSProtocol.makeConnection for a listener's connection: the
+        # factory's creator called directly rather than through Twisted's
+        # compatibility wrapper, and no registration with the TLS factory
+        # (the wrapped factory keeps track of connections, for drain and
+        # limits).
+        connection = self._tlsConnection = self.factory.tls.serverConnectionForTLS(self)
+        _SSL_set_accept_state(connection._ssl)
+        connection._app_data = self
+        self._appSendBuffer = []
+        self.transport = transport
+        self.connected = 1
+        direct = _io.can_send_directly(transport)
+        if direct:
+            self._direct = True
+            transport.setTcpNoDelay(True)
+            transport.readConnectionLost = transport.connectionLost
+        self.wrappedProtocol.makeConnection(self)
+        if direct:
+            # See TLSProtocol.makeConnection: the ClientHello is nearly
+            # always in the socket already.
+            reactor = transport.reactor
+            poll_in = getattr(reactor, "_POLL_IN", None)
+            if poll_in is not None:
+                reactor._doReadOrWrite(transport, transport.fileno(), poll_in)
+
+    def dataReceived(self, data):
         if self._handshakeDone:
+            TLSProtocol.dataReceived(self, data)
+            return
+        connection = self._tlsConnection
+        connection.bio_write(data)
+        self._checkHandshakeStatus()
+        if not self._handshakeDone:
+            return
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+        if _BIO_pending(connection._into_ssl, _PENDING) > 0 or _SSL_pending(connection._ssl) > 0:
+            # The client's first request came with its last handshake
+            # message.
+            self._flushReceiveBIO()
+        else:
+            # What the handshake's end wrote (TLS 1.3 session tickets).
+            self._flushSendBIO()
+
+    def _checkHandshakeStatus(self):
+        # Twisted calls this only while the handshake is in progress, and
+        # Balance's server side only from dataReceived.
+        if self._aborted:
+            return
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        result = _SSL_do_handshake(ssl)
+        if result == 1:
+            self._handshakeDone = True
             self.factory.tls.handshakes["success"] += 1
+            if IHandshakeListener.providedBy(self.wrappedProtocol):
+                self.wrappedProtocol.handshakeCompleted()
+            return
+        if _SSL_get_error(ssl, result) == _WANT_READ:
+            self._flushSendBIO()
+            return
+        # A failed handshake: pyOpenSSL turns it into the exception (with
+        # any raised by a callback) that Twisted's layer expects.
+        try:
+            connection._raise_ssl_error(ssl, result)
+        except WantReadError:
+            self._flushSendBIO()
+        except Error:
+            self._tlsShutdownFinished(Failure())
 
     def connectionLost(self, reason):
         if not self._handshakeDone:
             self.factory.tls.handshakes["failure"] += 1
-        super().connectionLost(reason)
+        elif not self._lostTLSConnection:
+            connection = self._tlsConnection
+            if (
+                _BIO_pending(connection._into_ssl, _PENDING) <= 0
+                and _SSL_pending(connection._ssl) <= 0
+            ):
+                # Nothing left to read: Twisted's layer would read only to
+                # find the end of the stream without the client's
+                # close_notify, which it reports as ConnectionLost.
+                self._lostTLSConnection = True
+                if self._reason is None:
+                    self._reason = Failure(CONNECTION_LOST)
+        TLSProtocol.connectionLost(self, reason)
 
 
 class TLSClientFactory(TLSMemoryBIOFactory):
@@ -208,6 +305,12 @@ class TLSListenerFactory(TLSMemoryBIOFactory):
         """
         super().__init__(tls, False, wrapped_factory, clock=reactor)
         self.tls = tls
+
+    def registerProtocol(self, protocol) -> None:
+        """Nothing: the wrapped factory keeps track of connections."""
+
+    def unregisterProtocol(self, protocol) -> None:
+        """Nothing: see L{registerProtocol}."""
 
     def buildProtocol(self, addr):
         """
