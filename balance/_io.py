@@ -80,6 +80,10 @@ class LeanPort(tcp.Port):
 
     transport = LeanServer
 
+    #: Whether the listening socket has C{TCP_NODELAY}, which Linux passes
+    #: on to the sockets it accepts (see L{balance.listener}).
+    balance_nodelay = False
+
     def doRead(self):
         accept = self.socket._accept
         family = self.addressFamily

@@ -162,7 +162,12 @@ class Builder:
             # Outermost: the header comes before a TLS ClientHello.
             factory = ProxyHeaderFactory(factory, reactor, listener.timeouts.handshake)
         svc = ListenerService(
-            listener.listen, factory, reactor, root.config.drain_timeout, endpoint=endpoint
+            listener.listen,
+            factory,
+            reactor,
+            root.config.drain_timeout,
+            endpoint=endpoint,
+            nodelay=listener.tls is not None,
         )
         svc.setName(listener.name)
         svc.setServiceParent(root.listeners)

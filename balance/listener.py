@@ -6,6 +6,8 @@ stop, stop accepting and drain the connections in flight.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -51,7 +53,16 @@ class ListenerService(StreamServerEndpointService):
 
     log = Logger()
 
-    def __init__(self, description: str, factory, reactor, drain_timeout: float, endpoint=None):
+    def __init__(
+        self,
+        description: str,
+        factory,
+        reactor,
+        drain_timeout: float,
+        endpoint=None,
+        nodelay: bool = False,
+        defer_accept: int = 0,
+    ):
         """
         @param description: A Twisted server endpoint string (C{tcp:},
             C{tcp6:}, C{unix:}, C{systemd:}, ...), already validated.
@@ -61,6 +72,13 @@ class ListenerService(StreamServerEndpointService):
             finish on stop.
         @param endpoint: The server endpoint to listen on instead of
             C{description}'s (a worker's socket adopted from its parent).
+        @param nodelay: Whether to set C{TCP_NODELAY} on the listening
+            socket, which Linux passes on to every socket it accepts (one
+            system call per connection less for protocols that want it,
+            such as TLS).
+        @param defer_accept: Seconds for C{TCP_DEFER_ACCEPT} (Linux): the
+            kernel hands over a connection only once its first bytes have
+            arrived (or after about this many seconds); 0 for off.
 
         @raise ValueError: If C{description} is not a valid endpoint string.
         """
@@ -72,6 +90,8 @@ class ListenerService(StreamServerEndpointService):
         self.port = None
         self._reactor = reactor
         self._drain_timeout = drain_timeout
+        self._nodelay = nodelay
+        self._defer_accept = defer_accept
 
     def privilegedStartService(self) -> None:
         """
@@ -90,6 +110,7 @@ class ListenerService(StreamServerEndpointService):
         if type(port) is tcp.Port and port.transport is tcp.Server:
             # The same object, with Balance's accept loop (and LeanServer).
             port.__class__ = LeanPort
+            self._set_options(port)
         logger = getattr(port, "_logger", None)
         if isinstance(logger, Logger):
             # Twisted logs three lines per connection it must close while
@@ -99,6 +120,14 @@ class ListenerService(StreamServerEndpointService):
                 observer=_AcceptErrorLog(logger.observer, self.description, self._reactor),
             )
         return port
+
+    def _set_options(self, port: LeanPort) -> None:
+        skt = port.socket
+        if self._nodelay:
+            skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            port.balance_nodelay = True
+        if self._defer_accept and hasattr(socket, "TCP_DEFER_ACCEPT"):
+            skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, self._defer_accept)
 
     def stopService(self) -> Deferred:
         """

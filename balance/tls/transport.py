@@ -27,7 +27,13 @@ from balance.tls.server import ServerTLS
 # length it returns (the reactor is single-threaded).
 _PENDING = _ffi.new("char **")
 
+# Where _flushSendBIO copies what OpenSSL wrote, before it becomes bytes.
+_SEND_BUFFER_SIZE = 65536
+_SEND_BUFFER = _ffi.new("char[]", _SEND_BUFFER_SIZE)
+
 _BIO_pending = _lib.BIO_get_mem_data
+_BIO_read = _lib.BIO_read
+_BIO_write = _lib.BIO_write
 _SSL_do_handshake = _lib.SSL_do_handshake
 _SSL_get_error = _lib.SSL_get_error
 _SSL_pending = _lib.SSL_pending
@@ -62,9 +68,6 @@ class TLSProtocol(TLSMemoryBIOProtocol):
 
     _direct = False
     _linger = None
-    #: Whether this side sends the first handshake message (a client).
-    _speaks_first = True
-
     # The PROXY layer's addresses live on the socket transport, never on
     # the TLS layer; without these, each lookup on the TLS layer (one per
     # connection, in client_address) goes through ProtocolWrapper's
@@ -88,25 +91,9 @@ class TLSProtocol(TLSMemoryBIOProtocol):
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self.wrappedProtocol.makeConnection(self)
-        if self._speaks_first:
-            # A client speaks first (its ClientHello); a server has nothing
-            # to do before the ClientHello arrives (dataReceived), so it
-            # skips a handshake step that could only fail with WantRead.
-            self._checkHandshakeStatus()
-        elif self._direct:
-            # The ClientHello is nearly always in the socket by the time the
-            # connection is accepted: read it now rather than after another
-            # turn of the reactor (an epoll_wait and a dispatch per
-            # handshake).  The reactor's own read handler does it, so a
-            # read error, an EOF or an exception end the connection exactly
-            # as they would on the next turn; an empty socket costs one
-            # recv that fails with EAGAIN.
-            # Only Twisted's epoll and poll reactors (their _PollLikeMixin)
-            # have this handler; others read on the next turn as before.
-            reactor = transport.reactor
-            poll_in = getattr(reactor, "_POLL_IN", None)
-            if poll_in is not None:
-                reactor._doReadOrWrite(transport, transport.fileno(), poll_in)
+        # A client speaks first (its ClientHello); a listener's connection
+        # (_ServerTLSProtocol) waits for it.
+        self._checkHandshakeStatus()
 
     def dataReceived(self, data):
         linger = self._linger
@@ -128,10 +115,15 @@ class TLSProtocol(TLSMemoryBIOProtocol):
         # Ask the memory BIO how much it holds instead of letting bio_read
         # fail with WantReadError (an exception, and a 32 KiB buffer, per
         # empty read: several per handshake).
-        pending = _lib.BIO_get_mem_data(connection._from_ssl, _PENDING)
+        source = connection._from_ssl
+        pending = _BIO_pending(source, _PENDING)
         if pending <= 0:
             return
-        data = connection.bio_read(pending)
+        if pending > _SEND_BUFFER_SIZE:
+            data = connection.bio_read(pending)
+        else:
+            # BIO_read of a memory BIO with bytes in it cannot fail.
+            data = _ffi.buffer(_SEND_BUFFER, _BIO_read(source, _SEND_BUFFER, pending))[:]
         if self._direct:
             _io.send(self.transport, data)
         else:
@@ -176,8 +168,6 @@ class _ServerTLSProtocol(TLSProtocol):
     left to read skips the read that would only find the end.
     """
 
-    _speaks_first = False
-
     def makeConnection(self, transport):
         # TLSProtocol.makeConnection for a listener's connection: the
         # factory's creator called directly rather than through Twisted's
@@ -193,12 +183,27 @@ class _ServerTLSProtocol(TLSProtocol):
         direct = _io.can_send_directly(transport)
         if direct:
             self._direct = True
-            transport.setTcpNoDelay(True)
+            if not getattr(transport.server, "balance_nodelay", False):
+                transport.setTcpNoDelay(True)
             transport.readConnectionLost = transport.connectionLost
+            # Close without shutdown(2) first: the descriptor is this
+            # process's only one (close-on-exec, never spliced or handed
+            # on), so close(2) alone sends the FIN; one system call less.
+            transport._shouldShutdown = False
         self.wrappedProtocol.makeConnection(self)
-        if direct:
-            # See TLSProtocol.makeConnection: the ClientHello is nearly
-            # always in the socket already.
+        if direct and transport.server.factory is self.factory:
+            # The ClientHello is nearly always in the socket by the time the
+            # connection is accepted: read it now rather than after another
+            # turn of the reactor (an epoll_wait and a dispatch per
+            # handshake).  The reactor's own read handler does it, so a
+            # read error, an EOF or an exception end the connection exactly
+            # as they would on the next turn; an empty socket costs one
+            # recv that fails with EAGAIN.
+            # Not behind a PROXY header: this layer is then made while that
+            # header's read is handled, and the bytes that came with the
+            # header must reach it before any read now.
+            # Only Twisted's epoll and poll reactors (their _PollLikeMixin)
+            # have this handler; others read on the next turn as before.
             reactor = transport.reactor
             poll_in = getattr(reactor, "_POLL_IN", None)
             if poll_in is not None:
@@ -209,7 +214,9 @@ class _ServerTLSProtocol(TLSProtocol):
             TLSProtocol.dataReceived(self, data)
             return
         connection = self._tlsConnection
-        connection.bio_write(data)
+        if _BIO_write(connection._into_ssl, data, len(data)) != len(data):
+            # Out of memory: pyOpenSSL raises what it would have.
+            connection.bio_write(data)
         self._checkHandshakeStatus()
         if not self._handshakeDone:
             return
