@@ -20,13 +20,21 @@ compression, no renegotiation, ALPN, client certificate verification, OCSP
 stapling.  All files are read when the object is made and on L{reload};
 handshakes only look things up.
 
-Session tickets.  pyOpenSSL does not expose OpenSSL's ticket-key callback,
-so the keys are the ones OpenSSL generates for each session context.  They
-are rotated by replacing the session context every C{session_rotation}
-seconds (an hour by default); tickets issued under the previous key are then
-refused, and those clients do one full handshake.  Because sessions live
-C{SESSION_TIMEOUT} seconds (5 minutes, as nginx and HAProxy), that only
-affects clients that resumed in the last minutes before a rotation.
+Session tickets.  Neither pyOpenSSL nor the OpenSSL bindings it uses (those
+of C{cryptography}, which links OpenSSL statically and exports none of its
+symbols) offer OpenSSL's ticket-key callback or C{SSL_CTX_ctrl}, so the keys
+can be neither set nor chosen per ticket: they are the ones OpenSSL generates
+for each session context.  They are rotated by replacing the session context
+every C{session_rotation} seconds (an hour by default).  The previous
+session context is kept for one more period, with the name of its key
+(the first 16 bytes of every ticket it issues, learnt by one handshake with
+itself in memory): a ClientHello that carries a ticket under that name is
+handshaken on the previous context (see
+L{balance.tls.transport._ServerTLSProtocol}), so tickets issued just before
+a rotation still resume.  Sessions live C{SESSION_TIMEOUT} seconds (5
+minutes, as nginx and HAProxy) whichever key encrypted them.  Session IDs
+(the session cache, which TLS 1.2 clients without tickets use) stay with
+their context and do not survive a rotation.
 """
 
 from __future__ import annotations
@@ -247,12 +255,95 @@ def _context(certificates, settings: _Settings) -> SSL.Context:
     return context
 
 
+def _der_items(der: bytes, start: int, end: int):
+    """The (tag, content start, content end) of each DER element in C{der[start:end]}."""
+    i = start
+    while i + 2 <= end:
+        tag = der[i]
+        length = der[i + 1]
+        i += 2
+        if length & 0x80:
+            size = length & 0x7F
+            length = int.from_bytes(der[i : i + size], "big")
+            i += size
+        yield tag, i, i + length
+        i += length
+
+
+def _pump(client: SSL.Connection, server: SSL.Connection) -> bool:
+    """Move what each side wrote to the other; whether anything moved."""
+    moved = False
+    for source, sink in ((client, server), (server, client)):
+        try:
+            data = source.bio_read(65536)
+        except SSL.WantReadError:
+            continue
+        sink.bio_write(data)
+        moved = True
+    return moved
+
+
+def ticket_key_name(context: SSL.Context) -> bytes | None:
+    """
+    The name of the key C{context} encrypts session tickets with: the
+    first 16 bytes of each ticket (OpenSSL's format), found by a handshake
+    with itself in memory and the ticket it issues.
+
+    :return: the name, or L{None} if no ticket came (tickets disabled).
+    """
+    client_context = SSL.Context(SSL.TLS_METHOD)
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    server = SSL.Connection(context, None)
+    server.set_accept_state()
+    # A listener that asks clients for a certificate (mTLS) must not
+    # refuse this one, which has none.
+    server.set_verify(SSL.VERIFY_NONE)
+    try:
+        for _ in range(8):
+            for side in (client, server):
+                try:
+                    side.do_handshake()
+                except SSL.WantReadError:
+                    pass
+            if not _pump(client, server):
+                break
+        # TLS 1.3 tickets come after the handshake: the client reads them.
+        try:
+            client.recv(1)
+        except SSL.WantReadError:
+            pass
+    except SSL.Error:
+        return None
+    session = _lib.SSL_get_session(client._ssl)
+    if session == _ffi.NULL:
+        return None
+    size = _lib.i2d_SSL_SESSION(session, _ffi.NULL)
+    buffer = _ffi.new("unsigned char[]", size)
+    _lib.i2d_SSL_SESSION(session, _ffi.new("unsigned char **", buffer))
+    der = _ffi.buffer(buffer, size)[:]
+    # SSL_SESSION_ASN1 (ssl/ssl_asn1.c): a SEQUENCE whose [10] EXPLICIT
+    # element is the ticket, an OCTET STRING.
+    for tag, start, end in _der_items(der, 0, len(der)):
+        if tag != 0x30:
+            continue
+        for inner, s, e in _der_items(der, start, end):
+            if inner == 0xAA:
+                for octets, ts, te in _der_items(der, s, e):
+                    if octets == 0x04 and te - ts > 16:
+                        return der[ts : ts + 16]
+    return None
+
+
 class _Generation:
     """
     The contexts built from one reading of the files.  Connections keep
     the generation they started in; L{ServerTLS.reload} makes a new one.
 
     :ivar session: the session context (see the module docstring).
+    :ivar previous: the session context before the last rotation, or
+        L{None}.
+    :ivar previous_key: the name of C{previous}'s ticket key, or L{None}.
     """
 
     def __init__(self, certificates, selection: Selection, settings: _Settings):
@@ -264,6 +355,18 @@ class _Generation:
             for group in selection.groups()
             if group != selection.default
         }
+        self.session = self.new_session_context()
+        self.previous: SSL.Context | None = None
+        self.previous_key: bytes | None = None
+
+    def rotate(self) -> None:
+        """
+        Issue tickets under new keys, keeping the current session context
+        as the previous one (the one before goes).
+        """
+        key = ticket_key_name(self.session)
+        self.previous = self.session if key is not None else None
+        self.previous_key = key
         self.session = self.new_session_context()
 
     def new_session_context(self) -> SSL.Context:
@@ -304,9 +407,12 @@ class ServerTLS(Service):
         (``"success"``, ``"failure"``); failures include clients that left
         before finishing.
     :ivar staple: the L{OCSPStaple}, or L{None}.
+    :ivar previous_ticket_key: the name of the ticket key before the last
+        rotation, while tickets under it are still accepted, else L{None}.
     """
 
     log = Logger()
+    previous_ticket_key: bytes | None = None
 
     def __init__(
         self,
@@ -348,6 +454,17 @@ class ServerTLS(Service):
     def serverConnectionForTLS(self, protocol) -> SSL.Connection:
         """A connection for a new client, on the current session context."""
         return SSL.Connection(self._generation.session, None)
+
+    def previous_connection(self) -> SSL.Connection | None:
+        """
+        A connection on the session context before the last rotation, for
+        a client whose ClientHello names its ticket key
+        (L{previous_ticket_key}); L{None} if there is none.
+        """
+        previous = self._generation.previous
+        if previous is None:
+            return None
+        return SSL.Connection(previous, None)
 
     # Loading
 
@@ -433,6 +550,9 @@ class ServerTLS(Service):
         """
         tls = self.tls if tls is None else tls
         self._generation = self._load(tls)
+        # The previous session context holds the certificates read before:
+        # a client whose ticket fails to resume there would get them.
+        self.previous_ticket_key = None
         self.tls = tls
         self.log.info(
             "listener {listener}: TLS certificates reloaded ({count})",
@@ -443,9 +563,12 @@ class ServerTLS(Service):
     def rotate_session_keys(self) -> None:
         """
         Start issuing session tickets under new keys (and a new session
-        cache); see the module docstring.
+        cache); tickets under the keys until now keep resuming until the
+        next rotation.  See the module docstring.
         """
-        self._generation.session = self._generation.new_session_context()
+        generation = self._generation
+        generation.rotate()
+        self.previous_ticket_key = generation.previous_key
 
     def refresh_staple(self) -> None:
         """Re-read the OCSP response file if it changed."""

@@ -209,10 +209,20 @@ class _ServerTLSProtocol(TLSProtocol):
             if poll_in is not None:
                 reactor._doReadOrWrite(transport, transport.fileno(), poll_in)
 
+    #: Whether the ClientHello was looked at for a previous ticket key.
+    _hello_checked = False
+    #: The start of a ClientHello held until its first record is whole.
+    _hello = b""
+
     def dataReceived(self, data):
         if self._handshakeDone:
             TLSProtocol.dataReceived(self, data)
             return
+        tls = self.factory.tls
+        if tls.previous_ticket_key is not None and not self._hello_checked:
+            data = self._check_hello(tls, data)
+            if data is None:
+                return
         connection = self._tlsConnection
         if _BIO_write(connection._into_ssl, data, len(data)) != len(data):
             # Out of memory: pyOpenSSL raises what it would have.
@@ -229,6 +239,35 @@ class _ServerTLSProtocol(TLSProtocol):
         else:
             # What the handshake's end wrote (TLS 1.3 session tickets).
             self._flushSendBIO()
+
+    def _check_hello(self, tls, data: bytes) -> bytes | None:
+        """
+        Move this connection to the session context before the last key
+        rotation when its ClientHello offers a ticket issued there (the
+        key's name begins every ticket), so that the ticket resumes.
+
+        :return: the bytes to feed OpenSSL now, or L{None} to wait for the
+            rest of the ClientHello's first record.
+        """
+        if self._hello:
+            data = self._hello + data
+        if data[:1] == b"\x16":
+            # A handshake record: hold it until whole (the ticket is in
+            # the ClientHello's last extension), up to the largest record.
+            whole = len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big")
+            if not whole and len(data) < 5 + 16384 + 256:
+                self._hello = data
+                return None
+        self._hello = b""
+        self._hello_checked = True
+        key = tls.previous_ticket_key
+        if key is not None and key in data:
+            connection = tls.previous_connection()
+            if connection is not None:
+                _SSL_set_accept_state(connection._ssl)
+                connection._app_data = self
+                self._tlsConnection = connection
+        return data
 
     def _checkHandshakeStatus(self):
         # Twisted calls this only while the handshake is in progress, and

@@ -180,7 +180,8 @@ class Handshake:
     """
 
     def __init__(self, factory, context: SSL.Context, server_name=None, session=None,
-                 ocsp: bool = False):
+                 ocsp: bool = False, chunk: int | None = None):
+        self.chunk = chunk
         self.client = SSL.Connection(context, None)
         self.client.set_connect_state()
         if server_name is not None:
@@ -219,7 +220,9 @@ class Handshake:
                 if self.transport.disconnecting:
                     break
                 moved = True
-                self.protocol.dataReceived(out)
+                step = self.chunk or len(out)
+                for i in range(0, len(out), step):
+                    self.protocol.dataReceived(out[i : i + step])
             back = self.transport.value()
             if back:
                 self.transport.clear()

@@ -286,6 +286,35 @@ class ListenerTests(BalanceTLSTestCase):
         self.assertNotIn("subject=", out)
 
     @inlineCallbacks
+    def test_ticket_across_rotation(self):
+        """
+        openssl s_client resumes a session from just before a ticket-key
+        rotation after it, TLS 1.3 and 1.2; two rotations later it cannot.
+        """
+        tls = self.root.tls["web"]
+        request = b"GET / HTTP/1.0\r\nHost: example.com\r\n\r\n"
+        for version in ("-tls1_3", "-tls1_2"):
+            session = os.path.join(self.dir, f"session{version}.pem")
+            args = (version, "-servername", "example.com", "-ign_eof")
+            code, out = yield self.s_client(
+                self.ports["web"], *args, "-sess_out", session, stdin=request
+            )
+            self.assertIn("200 OK", out)
+            tls.rotate_session_keys()
+            code, out = yield self.s_client(
+                self.ports["web"], *args, "-sess_in", session, stdin=request
+            )
+            self.assertIn("Reused, TLSv1.", out)
+            self.assertIn("200 OK", out)
+            tls.rotate_session_keys()
+            tls.rotate_session_keys()
+            code, out = yield self.s_client(
+                self.ports["web"], *args, "-sess_in", session, stdin=request
+            )
+            self.assertIn("New, TLSv1.", out)
+            self.assertIn("200 OK", out)
+
+    @inlineCallbacks
     def test_reload_with_open_connection(self):
         """A connection open across a reload keeps working; a new one gets the new cert."""
         tls = ClientTLS(model.UpstreamTLS(ca=self.ca, sni="api.test"), "t", reactor)

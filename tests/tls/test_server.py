@@ -53,7 +53,7 @@ class ServerTestCase(SynchronousTestCase):
 
     def connect(self, server_name=None, context=None, **client):
         ca = client.pop("ca", self.ca)
-        kwargs = {k: client.pop(k) for k in ("session", "ocsp") if k in client}
+        kwargs = {k: client.pop(k) for k in ("session", "ocsp", "chunk") if k in client}
         if context is None:
             context = client_context(ca=ca, **client)
         return Handshake(self.tls_factory, context, server_name, **kwargs)
@@ -233,19 +233,66 @@ class SessionTests(ServerTestCase):
         self.serve(["api", "site_ec"])
         self.assertTrue(self.resumed())
 
-    def test_rotation(self):
-        """After a rotation, old tickets are refused (a full handshake) and new ones work."""
+    def session_after(self, rotations: int, reload: bool = False, **client):
+        """
+        Whether a ticket issued before C{rotations} key rotations (and a
+        reload of the certificates, if C{reload}) resumes.
+        """
         tls = self.serve()
         tls.startService()
+        self.addCleanup(tls.stopService)
+        context = client_context(ca=self.ca, **client)
+        first = self.connect("example.com", context)
+        first.send(b"x")
+        session = first.client.get_session()
+        for _ in range(rotations):
+            self.clock.advance(3600)
+        if reload:
+            tls.reload()
+        second = self.connect("example.com", context, session=session)
+        self.assertIsNone(second.error)
+        # Whatever happened, new sessions resume.
+        self.assertTrue(self.resumed(**client))
+        return bool(SSL_session_reused(second.client._ssl))
+
+    def test_rotation_keeps_previous_key(self):
+        """A ticket issued just before a key rotation still resumes after it."""
+        self.assertTrue(self.session_after(1))
+
+    def test_rotation_keeps_previous_key_tls12(self):
+        self.assertTrue(self.session_after(1, max_version=SSL.TLS1_2_VERSION))
+
+    def test_second_rotation_retires_key(self):
+        """Two rotations later, the ticket is refused: a full handshake."""
+        self.assertFalse(self.session_after(2))
+
+    def test_reload_retires_keys(self):
+        """After a reload of the certificates, earlier tickets do not resume."""
+        self.assertFalse(self.session_after(1, reload=True))
+
+    def test_previous_key_when_hello_is_split(self):
+        """The ClientHello may come in pieces: it is held until its first record is whole."""
+        tls = self.serve()
         context = client_context(ca=self.ca)
         first = self.connect("example.com", context)
         first.send(b"x")
         session = first.client.get_session()
-        self.clock.advance(3600)
-        second = self.connect("example.com", context, session=session)
+        tls.rotate_session_keys()
+        self.assertIsNotNone(tls.previous_ticket_key)
+        second = self.connect("example.com", context, session=session, chunk=7)
         self.assertIsNone(second.error)
-        self.assertFalse(SSL_session_reused(second.client._ssl))
-        self.assertTrue(self.resumed())
+        self.assertTrue(SSL_session_reused(second.client._ssl))
+
+    def test_rotation_timer(self):
+        """The keys rotate every session_rotation seconds while the service runs."""
+        tls = self.serve()
+        tls.startService()
+        self.assertIsNone(tls.previous_ticket_key)
+        self.clock.advance(3600)
+        key = tls.previous_ticket_key
+        self.assertEqual(len(key), 16)
+        self.clock.advance(3600)
+        self.assertNotIn(tls.previous_ticket_key, (None, key))
         tls.stopService()
         self.assertFalse(self.clock.getDelayedCalls())
 
