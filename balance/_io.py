@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import address, tcp
+from twisted.internet import abstract, address, error, tcp
 from twisted.python import log
 
 
@@ -45,6 +45,20 @@ class LeanServer(tcp.Server):
         self.hostname = client[0]
         self.startReading()
         self.connected = 1
+
+    def connectionLost(self, reason) -> None:
+        # tcp.Connection.connectionLost, with an isinstance test for an
+        # abort where Twisted calls reason.check (which compares qualified
+        # class names, made by string formatting, on every close).
+        if not hasattr(self, "socket"):
+            return
+        abstract.FileDescriptor.connectionLost(self, reason)
+        self._closeSocket(not isinstance(reason.value, error.ConnectionAborted))
+        protocol = self.protocol
+        del self.protocol
+        del self.socket
+        del self.fileno
+        protocol.connectionLost(reason)
 
     @property
     def logstr(self) -> str:

@@ -5,11 +5,12 @@ Tests for L{balance.listener.ListenerService}, over real loopback sockets.
 from __future__ import annotations
 
 import os
+import socket
 
 from twisted.application.service import Application, IService
-from twisted.internet import error, reactor
+from twisted.internet import error, reactor, tcp
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
@@ -68,6 +69,65 @@ class ListenTests(TestCase):
         self.assertEqual(repr(transport), f"<{name} #{transport.sessionno} on {port}>")
         yield client.lost
         self.assertIn(",127.0.0.1", transport.logPrefix())
+
+    def test_lean_transport_state(self):
+        """
+        A L{LeanServer} starts with the state Twisted's C{tcp.Server} would
+        have (less the two strings), so Twisted's code works on it.
+        """
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        made = []
+        for kind in (tcp.Server, LeanServer):
+            a, b = socket.socketpair()
+            self.addCleanup(b.close)
+            transport = kind(a, Protocol(), ("127.0.0.1", 4321), port, 7, reactor)
+            transport.stopReading()
+            self.addCleanup(a.close)
+            made.append(transport)
+        twisted_server, lean = made
+        self.assertEqual(set(vars(lean)), set(vars(twisted_server)) - {"logstr", "repstr"})
+        self.assertEqual(lean.getPeer(), twisted_server.getPeer())
+
+    @inlineCallbacks
+    def test_many_connections_at_once(self):
+        """Connections that wait together are all accepted and served."""
+        echo = EchoFactory()
+        service = ListenerService(LOCAL, echo, reactor, 1.0)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service.port.getHost().port
+        clients = [CheckingClient(b"hi %d" % i) for i in range(40)]
+        for c in clients:
+            yield connect_client(port, c)
+        for c in clients:
+            yield c.lost
+        self.assertEqual(len(echo.protocols), 40)
+
+    @inlineCallbacks
+    def test_nodelay_on_listening_socket(self):
+        """
+        With C{nodelay}, the listening socket has TCP_NODELAY, and so has
+        each accepted socket (Linux passes it on).
+        """
+        echo = EchoFactory()
+        service = ListenerService(LOCAL, echo, reactor, 1.0, nodelay=True)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertTrue(service.port.balance_nodelay)
+        client = CheckingClient(b"hi")
+        yield connect_client(service.port.getHost().port, client)
+        yield wait_for(lambda: echo.protocols, what="the connection accepted")
+        accepted = echo.protocols[0].transport.socket
+        self.assertEqual(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        yield client.lost
+        plain = ListenerService(LOCAL, EchoFactory(), reactor, 1.0)
+        plain.startService()
+        self.addCleanup(plain.stopService)
+        self.assertFalse(plain.port.balance_nodelay)
+        self.assertEqual(
+            plain.port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0
+        )
 
     def test_bind_failure_raises(self):
         """
