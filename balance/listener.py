@@ -13,7 +13,7 @@ from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from balance._io import LeanPort, LeanServer
+from balance._io import LeanPort
 
 #: The listen(2) backlog when the endpoint string gives none.  Twisted's
 #: default of 50 overflows under a burst of connections: the kernel then
@@ -61,7 +61,6 @@ class ListenerService(StreamServerEndpointService):
         drain_timeout: float,
         endpoint=None,
         nodelay: bool = False,
-        defer_accept: int = 0,
     ):
         """
         @param description: A Twisted server endpoint string (C{tcp:},
@@ -76,9 +75,6 @@ class ListenerService(StreamServerEndpointService):
             socket, which Linux passes on to every socket it accepts (one
             system call per connection less for protocols that want it,
             such as TLS).
-        @param defer_accept: Seconds for C{TCP_DEFER_ACCEPT} (Linux): the
-            kernel hands over a connection only once its first bytes have
-            arrived (or after about this many seconds); 0 for off.
 
         @raise ValueError: If C{description} is not a valid endpoint string.
         """
@@ -91,7 +87,6 @@ class ListenerService(StreamServerEndpointService):
         self._reactor = reactor
         self._drain_timeout = drain_timeout
         self._nodelay = nodelay
-        self._defer_accept = defer_accept
 
     def privilegedStartService(self) -> None:
         """
@@ -122,12 +117,9 @@ class ListenerService(StreamServerEndpointService):
         return port
 
     def _set_options(self, port: LeanPort) -> None:
-        skt = port.socket
         if self._nodelay:
-            skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            port.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             port.balance_nodelay = True
-        if self._defer_accept and hasattr(socket, "TCP_DEFER_ACCEPT"):
-            skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, self._defer_accept)
 
     def stopService(self) -> Deferred:
         """

@@ -14,10 +14,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import TestCase
 
+from balance._io import LeanServer
 from balance.cluster.cluster import Cluster
 from balance.config import model
 from balance.l4.relay import L4ProxyFactory
-from balance.listener import LeanServer, ListenerService
+from balance.listener import ListenerService
 from tests.helpers import (
     CheckingClient,
     EchoFactory,
