@@ -11,6 +11,7 @@ and flow control intact.
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from twisted.internet import abstract, address, error, tcp
@@ -139,6 +140,15 @@ class LeanPort(tcp.Port):
 _DIRECT = (tcp.Server, tcp.Client, LeanServer)
 
 
+_RESET = (errno.ECONNRESET, errno.EPIPE)
+
+
+def _reading(transport) -> bool:
+    # Twisted's epoll and poll reactors keep the descriptors they read.
+    reads = getattr(transport.reactor, "_reads", None)
+    return reads is not None and transport.fileno() in reads
+
+
 def can_send_directly(transport) -> bool:
     """
     Whether L{send} may bypass C{transport}'s buffer: a plain TCP
@@ -147,7 +157,7 @@ def can_send_directly(transport) -> bool:
     return type(transport) in _DIRECT
 
 
-def send(transport, data: bytes) -> None:
+def send(transport, data: bytes, reset_read: bool = False) -> None:
     """
     Write C{data} to a plain TCP C{transport}, directly on its socket when
     nothing is queued.
@@ -155,6 +165,12 @@ def send(transport, data: bytes) -> None:
     :param transport: a L{tcp.Server} or L{tcp.Client}; callers check
         L{can_send_directly} once per connection.
     :param data: the bytes; must not be empty.
+    :param reset_read: drop C{data} when the peer has reset the connection
+        and the transport is reading: the reader meets the end of the
+        stream on the reactor's next turn and ends the connection, without
+        the write being queued and the writer armed first (two
+        C{epoll_ctl} calls).  For callers whose protocol reports any loss
+        the same way whichever side finds it (the TLS layer).
     """
     if (
         transport._tempDataLen
@@ -169,7 +185,9 @@ def send(transport, data: bytes) -> None:
         sent = transport.socket.send(data)
     except BlockingIOError:
         sent = 0
-    except OSError:
+    except OSError as e:
+        if reset_read and e.errno in _RESET and _reading(transport):
+            return
         # Let Twisted meet the error on its own write and report it through
         # connectionLost, as it would have without us.
         transport.write(data)

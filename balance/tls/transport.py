@@ -125,7 +125,9 @@ class TLSProtocol(TLSMemoryBIOProtocol):
             # BIO_read of a memory BIO with bytes in it cannot fail.
             data = _ffi.buffer(_SEND_BUFFER, _BIO_read(source, _SEND_BUFFER, pending))[:]
         if self._direct:
-            _io.send(self.transport, data)
+            # A reset found by the read side ends the connection as well:
+            # the TLS layer reports either as ConnectionLost.
+            _io.send(self.transport, data, reset_read=True)
         else:
             self.transport.write(data)
 

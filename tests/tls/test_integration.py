@@ -24,7 +24,7 @@ from balance.service import build
 from balance.tls.client import ClientTLS
 from balance.tls.server import ServerTLS
 from balance.tls.transport import wrap
-from tests.helpers import EchoFactory, free_port
+from tests.helpers import EchoFactory, free_port, wait_for
 from tests.tls.support import listener, pki, require, run, write, write_ca
 
 
@@ -284,6 +284,34 @@ class ListenerTests(BalanceTLSTestCase):
         self.assertIn("\napi\n", out)
         code, out = yield self.s_client(self.ports["sni"], "-servername", "nope.test")
         self.assertNotIn("subject=", out)
+
+    @inlineCallbacks
+    def test_handshake_only_clients(self):
+        """
+        Clients that handshake and leave at once (openssl s_time -new, which
+        closes before the TLS 1.3 tickets arrive, so they meet a reset) are
+        counted as handshakes and leave no connection behind; the listener
+        still serves.
+        """
+        tls = self.root.tls["web"]
+        before = tls.handshakes["success"]
+        code, out = yield run(
+            [require("openssl"), "s_time", "-connect", f"127.0.0.1:{self.ports['web']}",
+             "-new", "-time", "1"],
+            timeout=30,
+        )
+        self.assertEqual(code, 0, out)
+        made = int(out.split(" connections in ")[0].split()[-1])
+        self.assertGreater(made, 0)
+        factory = self.root.listeners.getServiceNamed("web").factory
+        yield wait_for(lambda: factory.active == 0, what="every connection closed")
+        self.assertGreaterEqual(tls.handshakes["success"] - before, made)
+        self.assertTrue(self.root.listeners.getServiceNamed("web").port.balance_nodelay)
+        code, out = yield self.s_client(
+            self.ports["web"], "-servername", "example.com", "-ign_eof",
+            stdin=b"GET / HTTP/1.0\r\nHost: example.com\r\n\r\n",
+        )
+        self.assertIn("200 OK", out)
 
     @inlineCallbacks
     def test_ticket_across_rotation(self):
