@@ -221,7 +221,7 @@ class _ServerTLSProtocol(TLSProtocol):
             TLSProtocol.dataReceived(self, data)
             return
         tls = self.factory.tls
-        if tls.previous_ticket_key is not None and not self._hello_checked:
+        if not self._hello_checked and (tls.previous_ticket_key is not None or self._hello):
             data = self._check_hello(tls, data)
             if data is None:
                 return
