@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
-from OpenSSL.SSL import Error, WantReadError
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.main import CONNECTION_LOST
 from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -31,12 +32,17 @@ _PENDING = _ffi.new("char **")
 _SEND_BUFFER_SIZE = 65536
 _SEND_BUFFER = _ffi.new("char[]", _SEND_BUFFER_SIZE)
 
+# Where _flushReceiveBIO has OpenSSL decrypt a record (16 KiB at most).
+_RECEIVE_BUFFER_SIZE = 32768
+_RECEIVE_BUFFER = _ffi.new("char[]", _RECEIVE_BUFFER_SIZE)
+
 _BIO_pending = _lib.BIO_get_mem_data
 _BIO_read = _lib.BIO_read
 _BIO_write = _lib.BIO_write
 _SSL_do_handshake = _lib.SSL_do_handshake
 _SSL_get_error = _lib.SSL_get_error
 _SSL_pending = _lib.SSL_pending
+_SSL_read = _lib.SSL_read
 _SSL_set_accept_state = _lib.SSL_set_accept_state
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
 
@@ -99,7 +105,47 @@ class TLSProtocol(TLSMemoryBIOProtocol):
         linger = self._linger
         if linger is not None and linger.active():
             linger.reset(LINGER_TIMEOUT)
-        super().dataReceived(data)
+        # TLSMemoryBIOProtocol.dataReceived, with the bytes handed to
+        # OpenSSL's memory BIO directly.
+        connection = self._tlsConnection
+        if _BIO_write(connection._into_ssl, data, len(data)) != len(data):
+            # Out of memory: pyOpenSSL raises what it would have.
+            connection.bio_write(data)
+        if not self._handshakeDone:
+            self._checkHandshakeStatus()
+            if not self._handshakeDone:
+                return
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+        self._flushReceiveBIO()
+
+    def _flushReceiveBIO(self):
+        # Twisted's loop, with OpenSSL asked directly: pyOpenSSL's recv
+        # allocates a 32 KiB buffer per call and ends every loop by raising
+        # WantReadError once the records are read.  Errors (the peer's
+        # close_notify included) take Twisted's way, through the exception
+        # pyOpenSSL makes of them.
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        while not self._lostTLSConnection:
+            result = _SSL_read(ssl, _RECEIVE_BUFFER, _RECEIVE_BUFFER_SIZE)
+            if result > 0:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, _ffi.buffer(_RECEIVE_BUFFER, result)[:])
+                continue
+            if _SSL_get_error(ssl, result) == _WANT_READ:
+                break
+            try:
+                connection._raise_ssl_error(ssl, result)
+            except ZeroReturnError:
+                # TLS has shut down: no more TLS data on this connection.
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                break
+        self._flushSendBIO()
 
     def _flushSendBIO(self):
         connection = self._tlsConnection
