@@ -381,4 +381,30 @@ class TLSBackendTests(H2UpstreamTestCase):
         self.assertEqual(self.backend.requests[0][b":scheme"], b"https")
 
 
+    async def test_health_check(self):
+        """
+        An http health check of the cluster goes as an HTTP/2 stream over
+        the cluster's TLS (ALPN h2, C{:scheme https}).
+        """
+        from balance.cluster.health import Health, HealthChecker
+        from balance.config import model
+
+        cluster = self.service.cluster_services.getServiceNamed("cluster:h2").cluster
+        [backend] = cluster.backends
+        checker = HealthChecker(
+            "h2",
+            [backend],
+            model.HealthCheck(type="http", path="/hc", interval=0.1, healthy_threshold=1),
+            reactor,
+            upstream_protocol="h2",
+            scheme="https",
+        )
+        checker.start()
+        self.addCleanup(checker.stop)
+        await wait_for(lambda: checker.state(backend) is Health.UP, what="the backend UP")
+        probe = next(r for r in self.backend.requests if r[b":path"] == b"/hc")
+        self.assertEqual(probe[b":scheme"], b"https")
+        self.assertEqual(self.negotiated[-1], [b"h2"])
+
+
 del SSL
