@@ -32,11 +32,14 @@ class WorkerSetup:
     :ivar index: its number, from 0.
     :ivar sockets: C{((listener name, (fd, address family)), ...)}.
     :ivar admin_listen: the endpoint string of its private admin API.
+    :ivar rate_limit_fd: the group's shared rate-limit table
+        (L{balance.ratelimit.shared}), or L{None} (Redis, or none made).
     """
 
     index: int
     sockets: tuple
     admin_listen: str
+    rate_limit_fd: int | None = None
 
 
 def family_name(family: int) -> str:
@@ -56,6 +59,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--admin", required=True, help="UNIX socket path of the private admin API")
     parser.add_argument("--status-fd", type=int, default=None)
+    parser.add_argument(
+        "--rate-limit-fd", type=int, default=None, help="the group's shared rate-limit table"
+    )
     parser.add_argument(
         "--socket",
         action="append",
@@ -105,7 +111,12 @@ def main(argv=None) -> int:
         for line in e.errors:
             print(line, file=sys.stderr)
         return 1
-    setup = WorkerSetup(args.index, tuple(args.socket), f"unix:{args.admin}:mode=600:lockfile=0")
+    setup = WorkerSetup(
+        args.index,
+        tuple(args.socket),
+        f"unix:{args.admin}:mode=600:lockfile=0",
+        args.rate_limit_fd,
+    )
     streamline(reactor)
     root = build(config, reactor, worker=setup)
     root.setName(f"worker {args.index}")

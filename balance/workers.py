@@ -22,6 +22,9 @@ The parent
   - on SIGTERM closes its copies of the sockets, sends SIGTERM to every
     worker (each drains), and exits 0 when all have exited (SIGKILL after
     C{drain_timeout} plus 10 s);
+  - makes the table of the group's local rate limits
+    (L{balance.ratelimit.shared}: one bucket per key for all the workers),
+    which every worker inherits;
   - runs the built-in whoami upstreams, and the admin API for the group
     (L{GroupAdminResource}): C{/metrics} from every worker's private admin
     socket with a C{worker} label, C{/stats} summed, C{/clusters} from the
@@ -58,6 +61,7 @@ from balance.config import model
 from balance.config.validate import ConfigError, load_config
 from balance.listener import ListenerService, with_backlog
 from balance.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from balance.ratelimit.shared import create_table
 from balance.reload import diff, socket_changes
 from balance.sdnotify import notify
 from balance.whoami import WhoamiFactory
@@ -148,6 +152,9 @@ class _Worker(ProcessProtocol):
             "3",
         ]
         child_fds = {1: "r", 2: "r", 3: "r"}
+        if group.rate_limit_fd is not None:
+            argv += ["--rate-limit-fd", str(group.rate_limit_fd)]
+            child_fds[group.rate_limit_fd] = group.rate_limit_fd
         for name, (fd, family) in group.sockets.items():
             argv += ["--socket", f"{name}={fd}:{family_name(family)}"]
             child_fds[fd] = fd
@@ -235,6 +242,8 @@ class WorkerGroup(MultiService):
         self.generation = 0
         self.pending: dict[int, _Worker] = {}
         self.retiring: set[_Worker] = set()
+        #: The shared table of local rate limits (memfd), made at start.
+        self.rate_limit_fd: int | None = None
         self.private_dir = None
         self.ready = False
         self.draining = False
@@ -284,6 +293,8 @@ class WorkerGroup(MultiService):
         # Runners other than twistd (python -m twisted) skip the privileged start.
         self._bind()
         self.private_dir = tempfile.mkdtemp(prefix="balance-workers-", dir="/tmp")
+        if self.config.rate_limit_store is None and self.rate_limit_fd is None:
+            self.rate_limit_fd = create_table()
         super().startService()
         self.log.info(
             "Balance starting {count} workers with {config}",
@@ -483,6 +494,9 @@ class WorkerGroup(MultiService):
         yield defer.maybeDeferred(super().stopService)
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
+        if self.rate_limit_fd is not None:
+            os.close(self.rate_limit_fd)
+            self.rate_limit_fd = None
         self.log.info("Balance stopped")
 
     def _kill_remaining(self) -> None:

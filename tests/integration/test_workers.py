@@ -331,3 +331,73 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+RATE_CONFIG = """\
+workers: 2
+admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}
+listeners:
+  - name: web
+    listen: "tcp:{port}:interface=127.0.0.1"
+    routes:
+      - match: {{path_prefix: /}}
+        cluster: app
+        rate_limit: {{requests: 30, per: 1m, burst: 30, key: route}}
+clusters:
+  - name: app
+    backends: ["127.0.0.1:{upstream}"]
+whoami:
+  - {{name: alpha, listen: "tcp:{upstream}:interface=127.0.0.1"}}
+"""
+
+
+class SharedRateLimitTests(unittest.TestCase):
+    """The workers of a group share local rate limits."""
+
+    @inlineCallbacks
+    def test_shared_limit(self):
+        """
+        A limit of 30 a minute lets 30 requests through the group, however
+        the kernel spreads the connections over the two workers (each
+        with a bucket of its own would let 60 through).
+        """
+        ports = {n: twistd.free_port() for n in ("admin", "port", "upstream")}
+        path = os.path.abspath(self.mktemp() + ".yaml")
+        with open(path, "w") as f:
+            f.write(RATE_CONFIG.format(**ports))
+        proc = yield twistd.start(self, path, ports["port"])
+        admin = "http://127.0.0.1:%d" % ports["admin"]
+
+        @inlineCallbacks
+        def ready():
+            try:
+                code, _ = yield get(admin + "/ready")
+            except ConnectError:
+                return False
+            return code == 200
+
+        yield until(ready, 30, "workers ready")
+        started = reactor.seconds()
+        codes = []
+        served = {}
+
+        @inlineCallbacks
+        def both_served():
+            results = yield DeferredList(
+                [get("http://127.0.0.1:%d/" % ports["port"]) for _ in range(20)],
+                consumeErrors=True,
+            )
+            codes.extend(r[0] if ok else None for ok, r in results)
+            _, metrics = yield get(admin + "/metrics")
+            served.update(samples(metrics, "balance_http_requests_total"))
+            return len(served) == 2 and len(codes) >= 60
+
+        yield until(both_served, 60, "both workers to serve")
+        elapsed = reactor.seconds() - started
+        self.assertEqual(set(codes), {200, 429}, codes)
+        # 30 in the burst, plus what refilled meanwhile (one per 2 s).
+        self.assertGreaterEqual(codes.count(200), 30)
+        self.assertLessEqual(codes.count(200), 30 + int(elapsed / 2) + 1, (elapsed, codes))
+        proc.signal("TERM")
+        code = yield proc.ended
+        self.assertEqual(code, 0, proc.output)
