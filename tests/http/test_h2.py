@@ -473,10 +473,14 @@ class RequestTests(H2TestCase):
         self.assertTrue(value.startswith(b"00-" + trace + b"-"), value)
         self.assertNotIn(b"00f067aa0ba902b7", value)
         self.answer()
-        [(span, _, attributes, error)] = spans
+        [(client, _, _, client_error), (span, _, attributes, error)] = spans
         self.assertEqual(span.trace_id, trace)
         self.assertEqual(attributes["network.protocol.version"], "2")
         self.assertIsNone(error)
+        # The backend's parent is the client span of its try.
+        self.assertEqual((client.parent_id, client.kind), (span.span_id, 3))
+        self.assertEqual(value, b"00-%s-%s-01" % (trace, client.span_id))
+        self.assertIsNone(client_error)
 
     def test_access_log_protocol(self):
         """HTTP/2 requests are logged as HTTP/2.0, in both formats."""

@@ -407,4 +407,44 @@ class TLSBackendTests(H2UpstreamTestCase):
         self.assertEqual(self.negotiated[-1], [b"h2"])
 
 
+
+class TraceContextTests(H2TestCase):
+    """An HTTP/2 backend gets the trace context, as an HTTP/1.1 one does."""
+
+    async def test_traceparent(self):
+        backend = H2Backend()
+        port = backend.listen(self)
+        self.port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                cluster: h2
+            clusters:
+              - name: h2
+                upstream_protocol: h2
+                backends: ["127.0.0.1:{port}"]
+            tracing: {{sample_ratio: 0}}
+            """
+        )
+        trace = b"4bf92f3577b34da6a3ce929d0e0e4736"
+        response = await Agent(reactor).request(
+            b"GET",
+            b"http://127.0.0.1:%d/x" % self.port,
+            Headers(
+                {
+                    b"traceparent": [b"00-" + trace + b"-00f067aa0ba902b7-01"],
+                    b"tracestate": [b"k=v"],
+                }
+            ),
+        )
+        self.assertEqual((response.code, await readBody(response)), (200, b"ok"))
+        [request] = backend.requests
+        value = request[b"traceparent"]
+        self.assertTrue(value.startswith(b"00-" + trace + b"-"), value)
+        self.assertTrue(value.endswith(b"-01"), value)
+        self.assertNotIn(b"00f067aa0ba902b7", value)
+        self.assertEqual(request[b"tracestate"], b"k=v")
+
+
 del SSL
