@@ -8,7 +8,8 @@ the parent bound (inherited file descriptors, named on the command line),
 and serves them like a single-process Balance: its own clusters, health
 checks, pools and metrics.  Its admin API listens on a private UNIX socket
 that only the parent uses.  It says "ready" on the status descriptor once
-its reactor runs, logs to stdout (the parent relays the lines), reloads on
+its reactor runs, logs to stdout as JSON lines (the parent re-emits the
+events with their fields), reloads on
 SIGHUP and drains on SIGTERM, as the parent asks.
 """
 
@@ -73,21 +74,13 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def _observer(stream):
-    """Log events as plain lines ("level text"); the parent adds time and worker."""
-    from twisted.logger import formatEvent
+    """
+    Log events as JSON lines (L{balance.observe.logs}); the parent re-emits
+    them, fields and all, with the worker's index.
+    """
+    from balance.observe.logs import JSONLinesObserver
 
-    def observe(event):
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
-        level = event.get("log_level")
-        name = level.name if level is not None else "info"
-        for line in text.splitlines() or [""]:
-            stream.write(f"{name} {line}\n")
-        stream.flush()
-
-    return observe
+    return JSONLinesObserver(stream)
 
 
 def main(argv=None) -> int:

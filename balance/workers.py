@@ -37,6 +37,7 @@ C{workers: 1} does not come here: one process serves, as always.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -80,6 +81,9 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 #: A worker that lived this long resets the backoff.
 STABLE_AFTER = 10.0
+
+#: Keys of a worker's log event that the parent's own event sets.
+_RELAY_OWN = ("time", "namespace", "worker", "text", "format")
 
 
 def worker_count(configured: int) -> int:
@@ -188,14 +192,28 @@ class _Worker(ProcessProtocol):
             self._relay(fd, line.decode("utf-8", "replace"))
 
     def _relay(self, fd: int, line: str) -> None:
+        """
+        Re-emit a worker's log line: its JSON events (L{balance.worker})
+        with their level and fields, anything else as text (errors on
+        stderr).
+        """
         level = LogLevel.error if fd == 2 else LogLevel.info
-        name, _, text = line.partition(" ")
-        if fd == 1:
+        text, fields = line, {}
+        if fd == 1 and line.startswith("{"):
             try:
-                level = LogLevel.levelWithName(name)
+                event = json.loads(line)
+                level = LogLevel.levelWithName(event.pop("level"))
+                text = event.pop("message")
             except Exception:
-                text = line
-        self.log.emit(level, "worker {index}: {text}", index=self.index, text=text)
+                text, fields = line, {}
+            else:
+                failure = event.pop("failure", None)
+                if failure:
+                    text += "\n" + failure
+                for key in _RELAY_OWN:
+                    event.pop(key, None)
+                fields = event
+        self.log.emit(level, "worker {worker}: {text}", worker=self.index, text=text, **fields)
 
     def processEnded(self, reason) -> None:
         for fd, rest in self._lines.items():
