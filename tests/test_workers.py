@@ -222,6 +222,16 @@ class GroupTests(unittest.TestCase):
         self.assertFalse(answer["ok"])
         self.assertEqual(len(transport.signals), 2)
 
+    def bound_group(self, text: str) -> tuple[WorkerGroup, str]:
+        """A group on C{text} (written to a file), its sockets bound until the test ends."""
+        path = os.path.abspath(self.mktemp() + ".yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        group = WorkerGroup(validate(load_text(text, path), path), _Reactor())
+        group.privilegedStartService()
+        self.addCleanup(lambda: [p.stopListening() for p in group.ports.values()])
+        return group, path
+
     async def test_listener_change_replaces_workers(self):
         """
         A reload that adds, moves or removes listeners binds the new
@@ -236,13 +246,8 @@ class GroupTests(unittest.TestCase):
             '  - {{name: api, listen: "tcp:{api}:interface=127.0.0.1", cluster: app}}\n'
             "clusters:\n  - {{name: app, backends: ['127.0.0.1:1']}}\n"
         )
-        path = os.path.abspath(self.mktemp() + ".yaml")
-        with open(path, "w") as f:
-            f.write(text.format(**ports))
-        group = WorkerGroup(validate(load_text(text.format(**ports), path), path), _Reactor())
-        group.privilegedStartService()
+        group, path = self.bound_group(text.format(**ports))
         group.private_dir = "private"
-        self.addCleanup(lambda: [p.stopListening() for p in group.ports.values()])
         spawned = []
         _Worker = type(group.workers[0])
 
@@ -312,12 +317,7 @@ class GroupTests(unittest.TestCase):
             '  - {{name: web, listen: "tcp:{web}:interface=127.0.0.1", cluster: app}}\n'
             "clusters:\n  - {{name: app, backends: ['127.0.0.1:1']}}\n"
         )
-        path = os.path.abspath(self.mktemp() + ".yaml")
-        with open(path, "w") as f:
-            f.write(text.format(**ports))
-        group = WorkerGroup(validate(load_text(text.format(**ports), path), path), _Reactor())
-        group.privilegedStartService()
-        self.addCleanup(lambda: [p.stopListening() for p in group.ports.values()])
+        group, path = self.bound_group(text.format(**ports))
         before = dict(group.sockets)
         with open(path, "w") as f:
             f.write(

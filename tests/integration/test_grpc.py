@@ -69,22 +69,30 @@ class _Server(ProcessProtocol):
         self.ended.callback(None)
 
 
+async def grpc_server(testcase) -> int:
+    """
+    Start the gRPC server process of L{tests.integration.grpc_peer} for
+    C{testcase} (stopped by its PID at the end); its port.
+    """
+    _need_grpc()
+    server = _Server()
+    process = reactor.spawnProcess(
+        server, sys.executable, [sys.executable, _PEER, "server"], env=os.environ
+    )
+
+    async def stop():
+        # By its PID, then wait for it to be gone.
+        if process.pid is not None:
+            process.signalProcess("KILL")
+        await server.ended
+
+    testcase.addCleanup(stop)
+    return await server.port
+
+
 class GRPCTests(H2TestCase):
     async def setUp(self):
-        _need_grpc()
-        server = _Server()
-        process = reactor.spawnProcess(
-            server, sys.executable, [sys.executable, _PEER, "server"], env=os.environ
-        )
-
-        async def stop():
-            # By its PID, then wait for it to be gone.
-            if process.pid is not None:
-                process.signalProcess("KILL")
-            await server.ended
-
-        self.addCleanup(stop)
-        port = await server.port
+        port = await grpc_server(self)
         self.port = self.start_balance(
             f"""
             listeners:

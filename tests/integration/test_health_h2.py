@@ -8,9 +8,6 @@ C{health_check: {type: grpc}} to backends going DOWN in a running Balance.
 
 from __future__ import annotations
 
-import os
-import sys
-
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
@@ -21,7 +18,7 @@ from balance.cluster.health import Health, HealthChecker
 from balance.config import model
 from tests.h2peer import H2Backend
 from tests.helpers import backend_model, closed_port, wait_for
-from tests.integration.test_grpc import _PEER, _need_grpc, _Server
+from tests.integration.test_grpc import grpc_server
 from tests.integration.test_h2 import H2TestCase
 
 INTERVAL = 0.1
@@ -141,19 +138,7 @@ class GRPCProbeTests(_CheckerMixin, TestCase):
     timeout = 60
 
     async def setUp(self):
-        _need_grpc()
-        server = _Server()
-        process = reactor.spawnProcess(
-            server, sys.executable, [sys.executable, _PEER, "server"], env=os.environ
-        )
-
-        async def stop():
-            if process.pid is not None:
-                process.signalProcess("KILL")
-            await server.ended
-
-        self.addCleanup(stop)
-        self.port = await server.port
+        self.port = await grpc_server(self)
 
     async def test_serving(self):
         """The server as a whole, and a named service, answer SERVING."""
@@ -185,19 +170,7 @@ class GRPCHealthServiceTests(H2TestCase):
     """From the config: a running Balance takes a dead gRPC backend out."""
 
     async def test_config(self):
-        _need_grpc()
-        server = _Server()
-        process = reactor.spawnProcess(
-            server, sys.executable, [sys.executable, _PEER, "server"], env=os.environ
-        )
-
-        async def stop():
-            if process.pid is not None:
-                process.signalProcess("KILL")
-            await server.ended
-
-        self.addCleanup(stop)
-        port = await server.port
+        port = await grpc_server(self)
         dead = closed_port()
         self.start_balance(
             f"""
