@@ -399,7 +399,8 @@ class ServerConnection:
             if stream_id <= self.highest_stream_id:
                 if self._was_reset(stream_id):
                     return
-                self._fail(ErrorCodes.STREAM_CLOSED, "HEADERS on closed stream %d" % (stream_id,))
+                # A new stream must have a higher id (RFC 9113 5.1.1).
+                self._fail(ErrorCodes.PROTOCOL_ERROR, "HEADERS on closed stream %d" % (stream_id,))
             self.highest_stream_id = stream_id
             if flags & (PRIORITY_FLAG << 8):
                 self._stream_error(stream_id, ErrorCodes.PROTOCOL_ERROR)
