@@ -5,10 +5,9 @@ client's request fields checked and turned into what an HTTP/1.1 backend
 gets, and a response (a backend's, or Balance's own) turned into the field
 list of a HEADERS frame.
 
-The C{h2} library's own header validation is switched off (it costs a
-quarter of its time per request, byte by byte in Python); the checks here
-refuse everything it would have refused that matters when a request goes
-on as HTTP/1.1, which is the request smuggling surface of a downgrade:
+The frame layer (L{balance.http.h2_conn}) does not look into header
+lists; the checks here refuse what matters when a request goes on as
+HTTP/1.1, which is the request smuggling surface of a downgrade:
 
   - names that are empty, not tokens, or not lower case; values with NUL,
     CR, LF (or any other control character but HTAB), or with leading or
@@ -22,10 +21,10 @@ on as HTTP/1.1, which is the request smuggling surface of a downgrade:
     C{:path}, each at most once, all before the regular fields; C{:method}
     a token, C{:path} origin-form (or C{*} for OPTIONS) without space,
     control characters or fragment; C{:authority} and C{host} agreeing;
-  - C{content-length} that is not one decimal number.  (The C{h2} library
-    itself checks DATA against C{content-length}, always: more or less than
-    announced is a connection error, so a short or long body never reaches
-    a backend.)
+  - C{content-length} that is not one decimal number.  (The connection,
+    L{balance.http.h2}, checks DATA against C{content-length}, always:
+    more or less than announced is a connection error, so a short or long
+    body never reaches a backend.)
 
 Everything here is pure and works on bytes.
 """
@@ -480,10 +479,6 @@ def safe_trailers(fields) -> list:
         return kept
     names = b"\n".join([f[0] for f in kept])
     values = b"\x00".join([f[1] for f in kept])
-    if (
-        _NAMES.match(names) is None
-        or values.count(b"\x00") != len(kept) - 1
-        or _bad_values(values)
-    ):
+    if _NAMES.match(names) is None or values.count(b"\x00") != len(kept) - 1 or _bad_values(values):
         return []
     return kept

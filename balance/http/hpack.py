@@ -373,11 +373,13 @@ DEFAULT_TABLE_SIZE = 4096
 # nothing to send as a long run of continuation bytes).
 _MAX_INTEGER = 1 << 32
 # Header blocks decoded whole are kept up to this many per connection, and
-# only up to this size each; Huffman strings up to this many per process.
-_BLOCK_CACHE = 64
-_BLOCK_CACHE_BYTES = 1024
+# only up to this size each; Huffman strings and encoded fields up to this
+# many per process, of up to this size each (a few MiB at most).
+_BLOCK_CACHE = 16
+_BLOCK_CACHE_BYTES = 512
 _STRING_CACHE = 4096
-_FIELD_CACHE = 8192
+_FIELD_CACHE = 4096
+_CACHED_BYTES = 512
 
 # Names whose fields are sent "never indexed" (RFC 7541 7.1.3): an
 # intermediary must not let them into a table it does not control.
@@ -534,9 +536,10 @@ def _string(block: bytes, pos: int) -> tuple[bytes, int]:
     text = _STRINGS.get(raw)
     if text is None:
         text = huffman_decode(raw)
-        if len(_STRINGS) >= _STRING_CACHE:
-            _STRINGS.clear()
-        _STRINGS[raw] = text
+        if length <= _CACHED_BYTES:
+            if len(_STRINGS) >= _STRING_CACHE:
+                _STRINGS.clear()
+            _STRINGS[raw] = text
     return text, end
 
 
@@ -768,8 +771,9 @@ class Encoder:
             if data is None:
                 field = tuple(field)
                 data = _encode_field(field)
-                if len(cache) >= _FIELD_CACHE:
-                    cache.clear()
-                cache[field] = data
+                if len(data) <= _CACHED_BYTES:
+                    if len(cache) >= _FIELD_CACHE:
+                        cache.clear()
+                    cache[field] = data
             append(data)
         return b"".join(parts)

@@ -24,6 +24,8 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from balance.http.h2_conn import (
@@ -523,3 +525,50 @@ class FlowControlTests(FrameLayerCase):
         decoder = hpack.Decoder()
         self.assertEqual(decoder.decode(b"".join(f.data for f in frames), raw=True), fields)
         self.assertEqual(self.conn.streams, {})
+
+
+_frames = st.lists(
+    st.builds(
+        frame,
+        st.integers(0, 10),
+        st.integers(0, 255),
+        st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 + 1]),
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from([block(REQUEST), b"\x00\x00\x00\x01", b"\x00" * 8]),
+        ),
+    ),
+    max_size=12,
+)
+
+
+class ArbitraryFrameTests(SynchronousTestCase):
+    """Hypothesis: whatever a client sends, and however it is cut up."""
+
+    def run_frames(self, data: bytes, cuts) -> tuple:
+        handler = Recorder()
+        conn = ServerConnection(handler, {3: 100}, connection_window=100 * 65535)
+        error = None
+        pos = 0
+        chunks = []
+        for cut in cuts:
+            chunks.append(data[pos : pos + cut])
+            pos += cut
+        chunks.append(data[pos:])
+        try:
+            for chunk in chunks:
+                conn.receive(chunk)
+        except H2ConnectionError as e:
+            error = e.code
+        return handler.calls, error, conn.data_to_send()
+
+    @settings(max_examples=500, deadline=None)
+    @given(_frames, st.lists(st.integers(1, 40), max_size=6))
+    def test_only_connection_errors(self, frames, cuts):
+        """
+        Only L{H2ConnectionError} ever comes out, and the outcome (calls,
+        error, frames sent) does not depend on how the bytes were split.
+        """
+        data = PREFACE + SettingsFrame(0).serialize() + b"".join(frames)
+        whole = self.run_frames(data, [])
+        self.assertEqual(self.run_frames(data, cuts), whole)
