@@ -167,6 +167,9 @@ class H2DownstreamConnection(Protocol):
         self._idle_deadline = 0.0
         self._drain_deadline = 0.0
         self._last_stream = 0
+        # The last request head read: its field list, the limits it was
+        # read under, and what read_request made of it.
+        self._parsed = None
         # 0: serving; 1: first GOAWAY sent (draining); 2: last GOAWAY sent.
         self._goaway = 0
         self._peer_goaway = False
@@ -280,12 +283,51 @@ class H2DownstreamConnection(Protocol):
         ex.started = ctx.reactor.seconds()
         if ended:
             stream.request_ended = ex.request_done = True
-        try:
-            stream.has_length = read_request(ex, fields, ctx.max_header_bytes, ctx.max_body_bytes)
-        except RequestError as e:
-            stream.started = True
-            ex.fail(e.status, e.reason)
-            return
+        parsed = self._parsed
+        if (
+            parsed is not None
+            and parsed[0] is fields
+            and parsed[1] == ctx.max_header_bytes
+            and parsed[2] == ctx.max_body_bytes
+        ):
+            # The same header block as the last request, decoded to the
+            # same list (see balance.http.hpack): checked already.
+            (
+                ex.method,
+                ex.target,
+                ex.path,
+                ex.host,
+                ex.content_length,
+                ex.te_trailers,
+                ex.expect_continue,
+            ) = parsed[3]
+            ex.headers = list(parsed[4])
+            stream.has_length = parsed[5]
+        else:
+            try:
+                stream.has_length = read_request(
+                    ex, fields, ctx.max_header_bytes, ctx.max_body_bytes
+                )
+            except RequestError as e:
+                stream.started = True
+                ex.fail(e.status, e.reason)
+                return
+            self._parsed = (
+                fields,
+                ctx.max_header_bytes,
+                ctx.max_body_bytes,
+                (
+                    ex.method,
+                    ex.target,
+                    ex.path,
+                    ex.host,
+                    ex.content_length,
+                    ex.te_trailers,
+                    ex.expect_continue,
+                ),
+                list(ex.headers),
+                stream.has_length,
+            )
         if stream.has_length:
             stream.body_left = ex.content_length
         if stream.request_ended and ex.content_length:
