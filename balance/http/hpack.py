@@ -756,7 +756,7 @@ class Encoder:
         """
         Encode a header list.
 
-        :param fields: C{(name, value)} tuples of bytes, names in lower case.
+        :param fields: C{(name, value)} pairs of bytes, names in lower case.
         """
         cache = _FIELDS
         parts = []
@@ -767,9 +767,14 @@ class Encoder:
             parts.append(b"\x20")
         append = parts.append
         for field in fields:
-            data = cache.get(field)
-            if data is None:
+            try:
+                data = cache.get(field)
+            except TypeError:
+                # A list rather than a tuple.
                 field = tuple(field)
+                data = cache.get(field)
+            if data is None:
+                field = (field[0], field[1])
                 data = _encode_field(field)
                 if len(data) <= _CACHED_BYTES:
                     if len(cache) >= _FIELD_CACHE:

@@ -247,6 +247,14 @@ class EncoderTests(SynchronousTestCase):
         self.assertEqual(decoder.decode(second, raw=True), fields)
         self.assertEqual(len(decoder.header_table.dynamic_entries), 0)
 
+    def test_lists_as_fields(self):
+        """Fields given as lists encode as tuples do."""
+        fields = [[b":status", b"200"], [b"x-list", b"yes"]]
+        block = Encoder().encode(fields)
+        self.assertEqual(
+            reference.Decoder().decode(block, raw=True), [(b":status", b"200"), (b"x-list", b"yes")]
+        )
+
     def test_size_update_accepted_at_any_limit(self):
         """A peer that allows no table at all reads the blocks."""
         decoder = reference.Decoder()
