@@ -300,6 +300,7 @@ class H2DownstreamConnection(Protocol):
                 ex.content_length,
                 ex.te_trailers,
                 ex.expect_continue,
+                ex.grpc_timeout,
             ) = parsed[3]
             ex.headers = list(parsed[4])
             stream.has_length = parsed[5]
@@ -324,6 +325,7 @@ class H2DownstreamConnection(Protocol):
                     ex.content_length,
                     ex.te_trailers,
                     ex.expect_continue,
+                    ex.grpc_timeout,
                 ),
                 list(ex.headers),
                 stream.has_length,

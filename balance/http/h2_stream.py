@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from balance.http.h2_conn import ErrorCodes
 from balance.http.h2_flow import HIGH_WATER, LOW_WATER, QueuedStream
-from balance.http.h2_headers import local_fields, response_fields
+from balance.http.h2_headers import grpc_local_fields, is_grpc, local_fields, response_fields
 from balance.http.proxy import Exchange
 
 __all__ = ["H2Stream", "HIGH_WATER", "LOW_WATER"]
@@ -155,7 +155,15 @@ class H2Stream(QueuedStream):
     def send_local(
         self, ex: Exchange, status: int, body: bytes, close: bool, extra: bytes = b""
     ) -> None:
-        """A whole response Balance makes itself (C{close} means nothing here)."""
+        """
+        A whole response Balance makes itself (C{close} means nothing here);
+        to a gRPC call, a Trailers-Only gRPC status instead.
+        """
+        if is_grpc(ex):
+            self._head = grpc_local_fields(status, ex.reason, extra)
+            self._end = True
+            self.conn.want_to_send(self)
+            return
         self._head = local_fields(status, body, extra)
         if body and ex.method != b"HEAD":
             self._out.append(body)

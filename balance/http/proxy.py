@@ -235,6 +235,7 @@ class Exchange:
         "upgrade",
         "ws_key",
         "switching",
+        "grpc_timeout",
     )
 
     def __init__(self, downstream):
@@ -300,6 +301,9 @@ class Exchange:
         self.upgrade = None
         self.ws_key = b""
         self.switching = None
+        # A gRPC call's grpc-timeout, in seconds (0: none); it bounds the
+        # route's timeout.
+        self.grpc_timeout = 0.0
 
     # -- starting ------------------------------------------------------------
 
@@ -388,6 +392,9 @@ class Exchange:
         self.cluster = cluster
         self._slot = True
         timeout = route.timeout if route.timeout is not None else ctx.default_timeout
+        grpc_timeout = self.grpc_timeout
+        if grpc_timeout and grpc_timeout < timeout:
+            timeout = grpc_timeout
         self.deadline = ctx.reactor.seconds() + timeout
         down.arm(self.deadline, timeout)
         if ctx.retry_policies:

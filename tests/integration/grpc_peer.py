@@ -5,6 +5,7 @@ of its own: no generated code, generic handlers with bytes in and out.
     python grpc_peer.py server          # prints its port, serves until killed
     python grpc_peer.py client TARGET   # runs the calls, prints JSON results
     python grpc_peer.py drain TARGET    # a call in flight across a drain
+    python grpc_peer.py status TARGET   # one unary call: its code and details
 
 Methods of the service C{test.Echo}:
 
@@ -121,9 +122,25 @@ def drain_client(target: str) -> None:
     print(json.dumps(results), flush=True)
 
 
+def status(target: str) -> None:
+    """One unary call (no deadline of the client's own): its status as JSON."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        unary = channel.unary_unary("/test.Echo/Unary", _identity, _identity)
+        try:
+            unary(b"hello")
+        except grpc.RpcError as e:
+            print(json.dumps({"code": e.code().name, "details": e.details()}), flush=True)
+        else:
+            print(json.dumps({"code": "OK", "details": ""}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve()
+    elif sys.argv[1] == "status":
+        status(sys.argv[2])
     elif sys.argv[1] == "drain":
         drain_client(sys.argv[2])
     else:

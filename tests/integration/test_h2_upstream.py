@@ -70,8 +70,9 @@ class _H2Client(Protocol):
         headers, body, trailers = self.request
         self.h2.initiate_connection()
         self.h2.send_headers(1, headers)
-        self.h2.send_data(1, body)
-        self.h2.send_headers(1, trailers, end_stream=True)
+        self.h2.send_data(1, body, end_stream=trailers is None)
+        if trailers is not None:
+            self.h2.send_headers(1, trailers, end_stream=True)
         self.transport.write(self.h2.data_to_send())
 
     def dataReceived(self, data):
