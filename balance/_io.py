@@ -14,7 +14,34 @@ from __future__ import annotations
 from twisted.internet import tcp
 
 
-class LeanServer(tcp.Server):
+def _no_fileno() -> int:
+    return -1
+
+
+class _FilenoOnDemand:
+    """
+    C{fileno} as a method of the class rather than the socket's bound
+    C{fileno} that C{tcp.Connection} stores per connection (88 bytes on
+    every idle connection); it is -1 once the socket is gone, as Twisted's.
+    """
+
+    @property
+    def fileno(self):
+        try:
+            return self.socket.fileno
+        except AttributeError:
+            return _no_fileno
+
+    @fileno.setter
+    def fileno(self, value) -> None:
+        """Made on demand: what C{tcp.Connection.__init__} sets is dropped."""
+
+    @fileno.deleter
+    def fileno(self) -> None:
+        """Nothing stored, nothing to delete."""
+
+
+class LeanServer(_FilenoOnDemand, tcp.Server):
     """
     A C{tcp.Server} that makes its log prefix and its repr when asked for
     them: Twisted formats both for every accepted connection, two strings
@@ -40,9 +67,51 @@ class LeanServer(tcp.Server):
         """Made on demand: what tcp.Server.__init__ sets is dropped."""
 
 
+class LeanClient(_FilenoOnDemand, tcp.Client):
+    """
+    The transport of an outgoing TCP connection that has connected (made by
+    L{balance.cluster.endpoint}): unlike a C{tcp.Client}, it holds no
+    connector, connecting state or log strings for the life of the
+    connection, only the socket, the protocol and the peer's address.
+    """
+
+    def __init__(self, skt, protocol, reactor, address, address_type=None):
+        """
+        @param skt: The connected, non-blocking socket.
+        @param protocol: The connection's protocol (not connected yet).
+        @param address: The peer's socket address, as C{connect} took it
+            (a tuple shared by the connections to one backend).
+        @param address_type: L{twisted.internet.address.IPv6Address} for
+            an IPv6 peer.
+        """
+        tcp.Connection.__init__(self, skt, protocol, reactor)
+        self.realAddress = address
+        if address_type is not None:
+            self._addressType = address_type
+        self.connected = 1
+
+    @property
+    def logstr(self) -> str:
+        return f"{self._getLogPrefix(getattr(self, 'protocol', None))},client"
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        """Made on demand."""
+
+    def connectionLost(self, reason) -> None:
+        """The connection is gone: tell the protocol (no connector to tell)."""
+        tcp.Connection.connectionLost(self, reason)
+
+    def failIfNotConnected(self, err) -> None:
+        """Connected from the start: never fails to connect."""
+
+    def __repr__(self) -> str:
+        return f"<LeanClient to {self.realAddress} at {id(self):x}>"
+
+
 # Exact types: a TLS transport subclasses none of these, but a subclass
 # could change what writing means.
-_DIRECT = (tcp.Server, tcp.Client, LeanServer)
+_DIRECT = (tcp.Server, tcp.Client, LeanServer, LeanClient)
 
 
 def can_send_directly(transport) -> bool:
