@@ -18,7 +18,34 @@ from twisted.internet import abstract, address, error, tcp
 from twisted.python import log
 
 
-class LeanServer(tcp.Server):
+def _no_fileno() -> int:
+    return -1
+
+
+class _FilenoOnDemand:
+    """
+    C{fileno} as a method of the class rather than the socket's bound
+    C{fileno} that C{tcp.Connection} stores per connection (88 bytes on
+    every idle connection); it is -1 once the socket is gone, as Twisted's.
+    """
+
+    @property
+    def fileno(self):
+        try:
+            return self.socket.fileno
+        except AttributeError:
+            return _no_fileno
+
+    @fileno.setter
+    def fileno(self, value) -> None:
+        """Made on demand: what C{tcp.Connection.__init__} sets is dropped."""
+
+    @fileno.deleter
+    def fileno(self) -> None:
+        """Nothing stored, nothing to delete."""
+
+
+class LeanServer(_FilenoOnDemand, tcp.Server):
     """
     A C{tcp.Server} that makes its log prefix and its repr when asked for
     them: Twisted formats both for every accepted connection, two strings
@@ -29,14 +56,14 @@ class LeanServer(tcp.Server):
 
     def __init__(self, sock, protocol, client, server, sessionno, reactor):
         # tcp.Server.__init__ with the classes it calls (Connection,
-        # FileDescriptor), less the two strings; tests.test_listener checks
-        # that it sets what they set.
+        # FileDescriptor), less the two strings and the stored fileno;
+        # tests.test_listener checks that it sets what they set.
         self.reactor = reactor
         self._tempDataBuffer = []
         self._tempDataLen = 0
         self.socket = sock
         sock.setblocking(False)
-        self.fileno = sock.fileno
+        # fileno: see _FilenoOnDemand.
         self.protocol = protocol
         if len(client) != 2:
             self._addressType = address.IPv6Address
@@ -58,7 +85,6 @@ class LeanServer(tcp.Server):
         protocol = self.protocol
         del self.protocol
         del self.socket
-        del self.fileno
         protocol.connectionLost(reason)
 
     @property
@@ -135,9 +161,51 @@ class LeanPort(tcp.Port):
             self.numberAccepts = max(1, accepted)
 
 
+class LeanClient(_FilenoOnDemand, tcp.Client):
+    """
+    The transport of an outgoing TCP connection that has connected (made by
+    L{balance.cluster.endpoint}): unlike a C{tcp.Client}, it holds no
+    connector, connecting state or log strings for the life of the
+    connection, only the socket, the protocol and the peer's address.
+    """
+
+    def __init__(self, skt, protocol, reactor, address, address_type=None):
+        """
+        @param skt: The connected, non-blocking socket.
+        @param protocol: The connection's protocol (not connected yet).
+        @param address: The peer's socket address, as C{connect} took it
+            (a tuple shared by the connections to one backend).
+        @param address_type: L{twisted.internet.address.IPv6Address} for
+            an IPv6 peer.
+        """
+        tcp.Connection.__init__(self, skt, protocol, reactor)
+        self.realAddress = address
+        if address_type is not None:
+            self._addressType = address_type
+        self.connected = 1
+
+    @property
+    def logstr(self) -> str:
+        return f"{self._getLogPrefix(getattr(self, 'protocol', None))},client"
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        """Made on demand."""
+
+    def connectionLost(self, reason) -> None:
+        """The connection is gone: tell the protocol (no connector to tell)."""
+        tcp.Connection.connectionLost(self, reason)
+
+    def failIfNotConnected(self, err) -> None:
+        """Connected from the start: never fails to connect."""
+
+    def __repr__(self) -> str:
+        return f"<LeanClient to {self.realAddress} at {id(self):x}>"
+
+
 # Exact types: a TLS transport subclasses none of these, but a subclass
 # could change what writing means.
-_DIRECT = (tcp.Server, tcp.Client, LeanServer)
+_DIRECT = (tcp.Server, tcp.Client, LeanServer, LeanClient)
 
 
 _RESET = (errno.ECONNRESET, errno.EPIPE)

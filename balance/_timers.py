@@ -12,15 +12,26 @@ L{TimerList} keeps its owners in that order and one C{DelayedCall} for the
 first of them, as haproxy's and nginx's timer lists do: arming, re-arming
 and removing are O(1), expiry is exact (no coarse sweep), and each owner
 costs one ordered-dict entry (about 100 bytes).
+
+Idle timeouts of byte relays are pushed back by every chunk, and touching a
+timer per chunk costs more than the bytes are worth.  A L{DeadlineWheel}
+lets owners keep their own deadline (last activity + timeout, a timestamp
+written per chunk) and asks them only when a coarse bucket comes due: an
+owner whose deadline has moved on goes into a later bucket then.  Each owner
+costs one set entry (about 40 bytes); a deadline passes at most one bucket
+width late (1/16 of its timeout, at most L{DeadlineWheel.resolution}), never
+early.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import OrderedDict
 
 from twisted.logger import Logger
 
-__all__ = ["TimerList", "TimerLists"]
+__all__ = ["DeadlineWheel", "TimerList", "TimerLists"]
 
 
 class TimerList:
@@ -110,3 +121,105 @@ class TimerLists:
         """
         for timers in self._lists.values():
             timers.stop_if_empty()
+
+
+class _Bucket(set):
+    """The owners due at C{when}."""
+
+    __slots__ = ("when",)
+
+
+class DeadlineWheel:
+    """
+    Owners whose deadlines are checked in coarse buckets, on one reactor
+    timer.
+
+    An owner is L{add}ed with a deadline and keeps the token L{add} returns
+    (to L{discard} itself, e.g. when its connection closes).  When the
+    bucket holding the owner comes due, the wheel forgets it and calls its
+    C{deadline_passed()}, which decides: its deadline may have moved on
+    (then it L{add}s itself again with the new one), or it has passed.
+
+    :ivar resolution: the widest bucket, in seconds.
+    """
+
+    __slots__ = ("_clock", "resolution", "_buckets", "_whens", "_call")
+
+    log = Logger()
+
+    def __init__(self, clock, resolution: float = 1.0):
+        self._clock = clock
+        self.resolution = resolution
+        self._buckets: dict[float, _Bucket] = {}
+        # The times of the buckets, a heap; may hold times of buckets that
+        # have emptied since (skipped when they come up).
+        self._whens: list[float] = []
+        self._call = None
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._buckets.values())
+
+    def add(self, owner, deadline: float, timeout: float) -> _Bucket:
+        """
+        Ask C{owner} when C{deadline} (reactor time) has passed: at most
+        C{min(timeout / 16, resolution)} seconds after it.
+
+        :param timeout: the timeout the deadline is made of, for the
+            precision.
+        :return: the token to L{discard} C{owner} with.
+        """
+        width = min(self.resolution, timeout / 16) or self.resolution
+        when = math.ceil(deadline / width) * width
+        if when < deadline:
+            # Float rounding: a bucket must never come before its deadlines.
+            when += width
+        bucket = self._buckets.get(when)
+        if bucket is None:
+            bucket = self._buckets[when] = _Bucket()
+            bucket.when = when
+            heapq.heappush(self._whens, when)
+            self._schedule(when)
+        bucket.add(owner)
+        return bucket
+
+    def _schedule(self, when: float) -> None:
+        call = self._call
+        if call is None:
+            self._call = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._fire)
+        elif when < call.getTime():
+            call.reset(max(0.0, when - self._clock.seconds()))
+
+    def discard(self, owner, token: _Bucket) -> None:
+        """
+        Forget C{owner}, added with C{token}; the reactor timer stops once
+        no owner is left.
+        """
+        token.discard(owner)
+        if not token and self._buckets.get(token.when) is token:
+            del self._buckets[token.when]
+            if not self._buckets:
+                self._whens.clear()
+                call, self._call = self._call, None
+                if call is not None and call.active():
+                    call.cancel()
+
+    def _fire(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        whens, buckets = self._whens, self._buckets
+        while whens and whens[0] <= now:
+            bucket = buckets.pop(heapq.heappop(whens), None)
+            if not bucket:
+                continue
+            for owner in tuple(bucket):
+                # An owner may have been discarded by another's handler.
+                if owner in bucket:
+                    bucket.discard(owner)
+                    try:
+                        owner.deadline_passed()
+                    except Exception:
+                        self.log.failure("timeout handler of {owner!r} failed", owner=owner)
+        while whens and whens[0] not in buckets:
+            heapq.heappop(whens)
+        if whens:
+            self._schedule(whens[0])

@@ -198,6 +198,11 @@ def build(config: model.Config, reactor, worker=None) -> BalanceService:
         root.adopted = dict(worker.sockets)
         root.fixed_sockets = True
         admin = model.Admin(listen=worker.admin_listen, token_file=None)
+        if worker.rate_limit_fd is not None and config.rate_limit_store is None:
+            # Local limits are the group's: one table shared by the workers.
+            from balance.ratelimit.shared import SharedRateLimitStore
+
+            root.rate_limit_store = SharedRateLimitStore(reactor, worker.rate_limit_fd)
     if admin is not None:
         root.admin = AdminService(admin, root, reactor)
         root.admin.setServiceParent(root)

@@ -8,7 +8,8 @@ the parent bound (inherited file descriptors, named on the command line),
 and serves them like a single-process Balance: its own clusters, health
 checks, pools and metrics.  Its admin API listens on a private UNIX socket
 that only the parent uses.  It says "ready" on the status descriptor once
-its reactor runs, logs to stdout (the parent relays the lines), reloads on
+its reactor runs, logs to stdout as JSON lines (the parent re-emits the
+events with their fields), reloads on
 SIGHUP and drains on SIGTERM, as the parent asks.
 """
 
@@ -32,11 +33,14 @@ class WorkerSetup:
     :ivar index: its number, from 0.
     :ivar sockets: C{((listener name, (fd, address family)), ...)}.
     :ivar admin_listen: the endpoint string of its private admin API.
+    :ivar rate_limit_fd: the group's shared rate-limit table
+        (L{balance.ratelimit.shared}), or L{None} (Redis, or none made).
     """
 
     index: int
     sockets: tuple
     admin_listen: str
+    rate_limit_fd: int | None = None
 
 
 def family_name(family: int) -> str:
@@ -57,6 +61,9 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--admin", required=True, help="UNIX socket path of the private admin API")
     parser.add_argument("--status-fd", type=int, default=None)
     parser.add_argument(
+        "--rate-limit-fd", type=int, default=None, help="the group's shared rate-limit table"
+    )
+    parser.add_argument(
         "--socket",
         action="append",
         default=[],
@@ -67,21 +74,13 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def _observer(stream):
-    """Log events as plain lines ("level text"); the parent adds time and worker."""
-    from twisted.logger import formatEvent
+    """
+    Log events as JSON lines (L{balance.observe.logs}); the parent re-emits
+    them, fields and all, with the worker's index.
+    """
+    from balance.observe.logs import JSONLinesObserver
 
-    def observe(event):
-        text = formatEvent(event)
-        failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
-        level = event.get("log_level")
-        name = level.name if level is not None else "info"
-        for line in text.splitlines() or [""]:
-            stream.write(f"{name} {line}\n")
-        stream.flush()
-
-    return observe
+    return JSONLinesObserver(stream)
 
 
 def main(argv=None) -> int:
@@ -105,7 +104,12 @@ def main(argv=None) -> int:
         for line in e.errors:
             print(line, file=sys.stderr)
         return 1
-    setup = WorkerSetup(args.index, tuple(args.socket), f"unix:{args.admin}:mode=600:lockfile=0")
+    setup = WorkerSetup(
+        args.index,
+        tuple(args.socket),
+        f"unix:{args.admin}:mode=600:lockfile=0",
+        args.rate_limit_fd,
+    )
     streamline(reactor)
     root = build(config, reactor, worker=setup)
     root.setName(f"worker {args.index}")

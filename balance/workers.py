@@ -12,11 +12,19 @@ The parent
   - restarts a worker that exits unexpectedly, after a backoff that
     doubles from 0.1 s to 10 s while workers keep dying young;
   - on SIGHUP (or C{POST /reload}) validates the file, then has every
-    worker reload it (SIGHUP each); listeners that would bind, close or
-    move need a restart in this mode (the answer says so);
+    worker reload it (SIGHUP each).  When listeners would bind, close or
+    move, it binds the new sockets itself and replaces the workers
+    instead, one new generation as HAProxy's seamless reload does: each
+    new worker starts on the new socket set, and once it is ready its
+    predecessor drains (SIGTERM) and exits; sockets no listener uses any
+    more are closed (the draining workers keep their copies until they
+    exit);
   - on SIGTERM closes its copies of the sockets, sends SIGTERM to every
     worker (each drains), and exits 0 when all have exited (SIGKILL after
     C{drain_timeout} plus 10 s);
+  - makes the table of the group's local rate limits
+    (L{balance.ratelimit.shared}: one bucket per key for all the workers),
+    which every worker inherits;
   - runs the built-in whoami upstreams, and the admin API for the group
     (L{GroupAdminResource}): C{/metrics} from every worker's private admin
     socket with a C{worker} label, C{/stats} summed, C{/clusters} from the
@@ -29,6 +37,7 @@ C{workers: 1} does not come here: one process serves, as always.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -53,6 +62,7 @@ from balance.config import model
 from balance.config.validate import ConfigError, load_config
 from balance.listener import ListenerService, with_backlog
 from balance.observe.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from balance.ratelimit.shared import create_table
 from balance.reload import diff, socket_changes
 from balance.sdnotify import notify
 from balance.whoami import WhoamiFactory
@@ -71,6 +81,9 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 #: A worker that lived this long resets the backoff.
 STABLE_AFTER = 10.0
+
+#: Keys of a worker's log event that the parent's own event sets.
+_RELAY_OWN = ("time", "namespace", "worker", "text", "format")
 
 
 def worker_count(configured: int) -> int:
@@ -106,9 +119,12 @@ class _Worker(ProcessProtocol):
 
     log = Logger()
 
-    def __init__(self, group: WorkerGroup, index: int):
+    def __init__(self, group: WorkerGroup, index: int, generation: int = 0):
         self.group = group
         self.index = index
+        self.generation = generation
+        #: Replaced by a newer generation: draining, never restarted.
+        self.retired = False
         self.pid = None
         self.ready = False
         self.started = 0.0
@@ -119,7 +135,7 @@ class _Worker(ProcessProtocol):
 
     @property
     def admin_path(self) -> str:
-        return os.path.join(self.group.private_dir, f"w{self.index}.sock")
+        return os.path.join(self.group.private_dir, f"w{self.index}g{self.generation}.sock")
 
     def spawn(self) -> None:
         group = self.group
@@ -140,6 +156,9 @@ class _Worker(ProcessProtocol):
             "3",
         ]
         child_fds = {1: "r", 2: "r", 3: "r"}
+        if group.rate_limit_fd is not None:
+            argv += ["--rate-limit-fd", str(group.rate_limit_fd)]
+            child_fds[group.rate_limit_fd] = group.rate_limit_fd
         for name, (fd, family) in group.sockets.items():
             argv += ["--socket", f"{name}={fd}:{family_name(family)}"]
             child_fds[fd] = fd
@@ -173,14 +192,28 @@ class _Worker(ProcessProtocol):
             self._relay(fd, line.decode("utf-8", "replace"))
 
     def _relay(self, fd: int, line: str) -> None:
+        """
+        Re-emit a worker's log line: its JSON events (L{balance.worker})
+        with their level and fields, anything else as text (errors on
+        stderr).
+        """
         level = LogLevel.error if fd == 2 else LogLevel.info
-        name, _, text = line.partition(" ")
-        if fd == 1:
+        text, fields = line, {}
+        if fd == 1 and line.startswith("{"):
             try:
-                level = LogLevel.levelWithName(name)
+                event = json.loads(line)
+                level = LogLevel.levelWithName(event.pop("level"))
+                text = event.pop("message")
             except Exception:
-                text = line
-        self.log.emit(level, "worker {index}: {text}", index=self.index, text=text)
+                text, fields = line, {}
+            else:
+                failure = event.pop("failure", None)
+                if failure:
+                    text += "\n" + failure
+                for key in _RELAY_OWN:
+                    event.pop(key, None)
+                fields = event
+        self.log.emit(level, "worker {worker}: {text}", worker=self.index, text=text, **fields)
 
     def processEnded(self, reason) -> None:
         for fd, rest in self._lines.items():
@@ -203,7 +236,12 @@ class WorkerGroup(MultiService):
     :ivar config: the config in effect (the workers run the same file).
     :ivar count: the number of workers.
     :ivar sockets: C{{listener name: (fd, family)}} bound by the parent.
-    :ivar workers: the L{_Worker}s, by index.
+    :ivar ports: C{{listener name: port}}, the parent's copies.
+    :ivar workers: the L{_Worker}s serving, by index.
+    :ivar pending: C{{index: worker}} of a new generation started by a
+        reload that changed the sockets, until each is ready and takes
+        over its index.
+    :ivar retiring: replaced workers still draining.
     """
 
     log = Logger()
@@ -217,8 +255,13 @@ class WorkerGroup(MultiService):
         self.config = config
         self.count = worker_count(config.workers)
         self.sockets: dict[str, tuple[int, int]] = {}
-        self.ports: list = []
+        self.ports: dict = {}
         self.workers = [_Worker(self, i) for i in range(self.count)]
+        self.generation = 0
+        self.pending: dict[int, _Worker] = {}
+        self.retiring: set[_Worker] = set()
+        #: The shared table of local rate limits (memfd), made at start.
+        self.rate_limit_fd: int | None = None
         self.private_dir = None
         self.ready = False
         self.draining = False
@@ -251,18 +294,25 @@ class WorkerGroup(MultiService):
     def _bind(self) -> None:
         if self.ports:
             return
-        for listener in self.config.listeners:
-            endpoint = endpoints.serverFromString(self.reactor, with_backlog(listener.listen))
-            port = _listen_now(endpoint)
-            # The workers accept; the parent only keeps the socket.
-            port.stopReading()
-            self.ports.append(port)
-            self.sockets[listener.name] = (port.fileno(), _family(port))
+        self._use_ports({li.name: self._listen(li) for li in self.config.listeners})
+
+    def _listen(self, listener: model.Listener):
+        endpoint = endpoints.serverFromString(self.reactor, with_backlog(listener.listen))
+        port = _listen_now(endpoint)
+        # The workers accept; the parent only keeps the socket.
+        port.stopReading()
+        return port
+
+    def _use_ports(self, ports: dict) -> None:
+        self.ports = ports
+        self.sockets = {name: (port.fileno(), _family(port)) for name, port in ports.items()}
 
     def startService(self):
         # Runners other than twistd (python -m twisted) skip the privileged start.
         self._bind()
         self.private_dir = tempfile.mkdtemp(prefix="balance-workers-", dir="/tmp")
+        if self.config.rate_limit_store is None and self.rate_limit_fd is None:
+            self.rate_limit_fd = create_table()
         super().startService()
         self.log.info(
             "Balance starting {count} workers with {config}",
@@ -273,6 +323,17 @@ class WorkerGroup(MultiService):
             worker.spawn()
 
     def _worker_ready(self, worker: _Worker) -> None:
+        if self.pending.get(worker.index) is worker:
+            del self.pending[worker.index]
+            previous, self.workers[worker.index] = self.workers[worker.index], worker
+            self._retire(previous)
+            self.log.info(
+                "worker {index} of generation {generation} ready (pid {pid}); "
+                "its predecessor drains",
+                index=worker.index,
+                generation=worker.generation,
+                pid=worker.pid,
+            )
         if not self.ready and all(w.ready for w in self.workers):
             self.ready = True
             self.log.info("all {count} workers ready", count=self.count)
@@ -283,8 +344,14 @@ class WorkerGroup(MultiService):
         status = getattr(value, "exitCode", None)
         if status is None and getattr(value, "signal", None):
             status = f"signal {value.signal}"
-        if self.draining:
-            self.log.info("worker {index} exited ({status})", index=worker.index, status=status)
+        if self.draining or worker.retired:
+            self.retiring.discard(worker)
+            self.log.info(
+                "worker {index}{which} exited ({status})",
+                index=worker.index,
+                which=" (replaced)" if worker.retired and not self.draining else "",
+                status=status,
+            )
             return
         lived = self.reactor.seconds() - worker.started
         worker.failures = 1 if lived > STABLE_AFTER else worker.failures + 1
@@ -300,8 +367,24 @@ class WorkerGroup(MultiService):
         worker._restart = self.reactor.callLater(delay, self._respawn, worker)
 
     def _respawn(self, worker: _Worker) -> None:
-        if not self.draining:
+        if not self.draining and not worker.retired:
             worker.spawn()
+
+    def _retire(self, worker: _Worker) -> None:
+        """Let C{worker} drain and exit; kill it if it outstays the drain."""
+        worker.retired = True
+        if worker._restart is not None and worker._restart.active():
+            worker._restart.cancel()
+        if worker.pid is None:
+            return
+        self.retiring.add(worker)
+        worker.signal("TERM")
+        self.reactor.callLater(self.config.drain_timeout + 10, self._kill_retired, worker)
+
+    def _kill_retired(self, worker: _Worker) -> None:
+        if worker in self.retiring and worker.pid is not None:
+            self.log.warn("replaced worker {index} did not stop; killing it", index=worker.index)
+            worker.signal("KILL")
 
     # -- reload ---------------------------------------------------------------------
 
@@ -321,19 +404,85 @@ class WorkerGroup(MultiService):
                 )
             return {"ok": False, "dry_run": dry_run, "errors": e.errors, "changes": None}
         changes = diff(self.config, new)
-        if socket_changes(self.config, new):
-            changes["restart_needed"].append("listeners")
-        if not dry_run:
-            live = [w for w in self.workers if w.pid is not None]
+        replace = bool(socket_changes(self.config, new))
+        answer = {
+            "ok": True,
+            "dry_run": dry_run,
+            "errors": [],
+            "changes": changes,
+            "workers_replaced": replace,
+        }
+        if dry_run:
+            return answer
+        if replace:
+            try:
+                self._replace_workers(new)
+            except Exception as e:
+                self.log.error(
+                    "reload of {path} refused, keeping the running config: {error}",
+                    path=path,
+                    error=e,
+                )
+                answer.update(ok=False, errors=[f"{path}: listeners: {e}"], workers_replaced=False)
+                return answer
+        else:
+            live = [w for w in (*self.workers, *self.pending.values()) if w.pid is not None]
             self.log.info("reloading {path} in {count} workers", path=path, count=len(live))
             for worker in live:
                 worker.signal("HUP")
-            self.config = new
-        return {"ok": True, "dry_run": dry_run, "errors": [], "changes": changes}
+        self.config = new
+        return answer
+
+    def _replace_workers(self, new: model.Config) -> None:
+        """
+        The listeners' sockets change: bind what is new (a listener that
+        keeps its address keeps its socket, whatever else changed), start a
+        new generation of workers on the new set, and close the sockets no
+        listener uses any more.
+
+        :raise Exception: if a new address cannot be bound; nothing changed.
+        """
+        by_address = {
+            li.listen: self.ports[li.name] for li in self.config.listeners if li.name in self.ports
+        }
+        ports, fresh = {}, []
+        try:
+            for listener in new.listeners:
+                port = by_address.get(listener.listen)
+                if port is None:
+                    port = self._listen(listener)
+                    fresh.append(port)
+                ports[listener.name] = port
+        except Exception as e:
+            for port in fresh:
+                port.stopListening()
+            raise RuntimeError(f"cannot bind {listener.name} on {listener.listen}: {e}") from e
+        kept = {id(p) for p in ports.values()}
+        closed = [p for p in self.ports.values() if id(p) not in kept]
+        self._use_ports(ports)
+        self.generation += 1
+        self.config = new
+        self.log.info(
+            "listeners changed: starting generation {generation} of {count} workers "
+            "(each replaced worker drains once its successor is ready)",
+            generation=self.generation,
+            count=self.count,
+        )
+        for index in range(self.count):
+            superseded = self.pending.pop(index, None)
+            if superseded is not None:
+                self._retire(superseded)
+            worker = _Worker(self, index, self.generation)
+            self.pending[index] = worker
+            worker.spawn()
+        # The new workers have their copies; the old ones keep theirs
+        # until they exit.
+        for port in closed:
+            port.stopListening()
 
     def reopen_logs(self) -> None:
         """SIGUSR1: every worker reopens the access logs it writes."""
-        for worker in self.workers:
+        for worker in (*self.workers, *self.pending.values(), *self.retiring):
             worker.signal("USR1")
 
     # -- stopping --------------------------------------------------------------------
@@ -343,15 +492,17 @@ class WorkerGroup(MultiService):
         self.log.info("Balance stopping: draining {count} workers", count=self.count)
         self.draining = True
         notify("STOPPING=1")
-        for port in self.ports:
+        for port in self.ports.values():
             port.stopListening()
         waits = []
-        for worker in self.workers:
+        for worker in (*self.workers, *self.pending.values(), *self.retiring):
             if worker._restart is not None and worker._restart.active():
                 worker._restart.cancel()
             if worker.pid is not None:
                 waits.append(worker.ended)
-                worker.signal("TERM")
+                if not worker.retired:
+                    # Replaced ones are draining already.
+                    worker.signal("TERM")
         if waits:
             done = defer.DeferredList(waits)
             timer = self.reactor.callLater(self.config.drain_timeout + 10, self._kill_remaining)
@@ -361,10 +512,13 @@ class WorkerGroup(MultiService):
         yield defer.maybeDeferred(super().stopService)
         if self.private_dir is not None:
             shutil.rmtree(self.private_dir, ignore_errors=True)
+        if self.rate_limit_fd is not None:
+            os.close(self.rate_limit_fd)
+            self.rate_limit_fd = None
         self.log.info("Balance stopped")
 
     def _kill_remaining(self) -> None:
-        for worker in self.workers:
+        for worker in (*self.workers, *self.pending.values(), *self.retiring):
             if worker.pid is not None:
                 self.log.warn("worker {index} did not stop; killing it", index=worker.index)
                 worker.signal("KILL")

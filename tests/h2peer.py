@@ -11,6 +11,7 @@ streams open at once, and answers by path:
   - C{/refuse}: RST_STREAM REFUSED_STREAM the first time, then as C{/size/10};
   - C{/hold}: nothing until L{H2Backend.release} (then 200 C{held});
   - C{/die}: the connection is cut (its other streams with it);
+  - C{/status/N}: status N, body C{status N};
   - C{/goaway}: GOAWAY with the previous stream as the last processed,
     then as C{/size/10} on the next connection;
   - anything else: 200 C{ok}.
@@ -134,13 +135,15 @@ class H2BackendConnection(Protocol):
             self.respond(stream, body, extra, trailers)
         elif path.startswith(b"/size/"):
             self.respond(stream, b"x" * int(path[6:]))
+        elif path.startswith(b"/status/"):
+            self.respond(stream, b"status " + path[8:], status=path[8:])
         elif path in (b"/refuse", b"/goaway"):
             self.respond(stream, b"x" * 10)
         else:
             self.respond(stream, b"ok")
 
-    def respond(self, stream, body, extra=(), trailers=None):
-        headers = [(b":status", b"200"), (b"content-type", b"application/octet-stream")]
+    def respond(self, stream, body, extra=(), trailers=None, status=b"200"):
+        headers = [(b":status", status), (b"content-type", b"application/octet-stream")]
         if trailers is None:
             headers.append((b"content-length", b"%d" % len(body)))
         self.h2.send_headers(stream.id, headers + list(extra), end_stream=not body and not trailers)

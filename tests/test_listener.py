@@ -86,8 +86,12 @@ class ListenTests(TestCase):
             transport.stopReading()
             self.addCleanup(a.close)
             made.append(transport)
+        a = made[1].socket
         twisted_server, lean = made
-        self.assertEqual(set(vars(lean)), set(vars(twisted_server)) - {"logstr", "repstr"})
+        self.assertEqual(
+            set(vars(lean)), set(vars(twisted_server)) - {"logstr", "repstr", "fileno"}
+        )
+        self.assertEqual(lean.fileno(), a.fileno())
         self.assertEqual(lean.getPeer(), twisted_server.getPeer())
 
     @inlineCallbacks

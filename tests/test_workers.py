@@ -11,6 +11,7 @@ import json
 import os
 import socket
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
@@ -27,7 +28,7 @@ from balance.workers_admin import (
     merge_metrics,
     sum_stats,
 )
-from tests.helpers import free_port, need_tool
+from tests.helpers import free_port, need_tool, port_open, wait_for
 from tests.observe.test_metrics import populated
 
 
@@ -172,7 +173,7 @@ class GroupTests(unittest.TestCase):
             group.privilegedStartService()
         except Exception as e:  # no IPv6 loopback here
             raise unittest.SkipTest(str(e)) from None
-        self.addCleanup(lambda: [p.stopListening() for p in group.ports])
+        self.addCleanup(lambda: [p.stopListening() for p in group.ports.values()])
         families = {name: family for name, (fd, family) in group.sockets.items()}
         self.assertEqual(families, {"web": socket.AF_INET, "six": socket.AF_INET6})
         self.assertEqual(family_name(socket.AF_INET6), "inet6")
@@ -220,6 +221,118 @@ class GroupTests(unittest.TestCase):
         answer = await group.reload(False)
         self.assertFalse(answer["ok"])
         self.assertEqual(len(transport.signals), 2)
+
+    def bound_group(self, text: str) -> tuple[WorkerGroup, str]:
+        """A group on C{text} (written to a file), its sockets bound until the test ends."""
+        path = os.path.abspath(self.mktemp() + ".yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        group = WorkerGroup(validate(load_text(text, path), path), _Reactor())
+        group.privilegedStartService()
+        self.addCleanup(lambda: [p.stopListening() for p in group.ports.values()])
+        return group, path
+
+    async def test_listener_change_replaces_workers(self):
+        """
+        A reload that adds, moves or removes listeners binds the new
+        sockets in the parent and starts a new generation of workers on
+        them; each replaces its predecessor once ready (which then drains,
+        and is not restarted when it exits); sockets no longer used close.
+        """
+        ports = {n: free_port() for n in ("web", "api", "moved")}
+        text = (
+            "workers: 2\nlisteners:\n"
+            '  - {{name: web, listen: "tcp:{web}:interface=127.0.0.1", cluster: app}}\n'
+            '  - {{name: api, listen: "tcp:{api}:interface=127.0.0.1", cluster: app}}\n'
+            "clusters:\n  - {{name: app, backends: ['127.0.0.1:1']}}\n"
+        )
+        group, path = self.bound_group(text.format(**ports))
+        group.private_dir = "private"
+        spawned = []
+        _Worker = type(group.workers[0])
+
+        def spawn(worker):
+            spawned.append(worker)
+            worker.pid = 100 + len(spawned)
+            worker.transport = _Transport()
+            worker.ended = Deferred()
+
+        self.patch(_Worker, "spawn", spawn)
+        for worker in group.workers:
+            worker.spawn()
+        old = list(group.workers)
+        web_port = group.ports["web"]
+        api_fd = group.sockets["api"][0]
+
+        # api moves to another port; web is renamed but keeps its address.
+        with open(path, "w") as f:
+            f.write(
+                text.format(web=ports["web"], api=ports["moved"]).replace("name: web", "name: www")
+            )
+        answer = self.successResultOf(group.reload(False))
+        self.assertEqual((answer["ok"], answer["workers_replaced"]), (True, True))
+        self.assertEqual(sorted(group.sockets), ["api", "www"])
+        self.assertIs(group.ports["www"], web_port)
+        self.assertTrue(port_open(ports["moved"]))
+        # The port closes on the next reactor turn.
+        await wait_for(lambda: not port_open(ports["api"]), 5, "the old api socket closed")
+        self.assertNotEqual(group.sockets["api"][0], api_fd)
+        self.assertEqual(sorted(group.pending), [0, 1])
+        self.assertEqual({w.generation for w in group.pending.values()}, {1})
+        self.assertEqual(group.workers, old)
+        self.assertNotEqual(old[0].admin_path, group.pending[0].admin_path)
+
+        # Worker 0 of the new generation is ready: it takes over, and the
+        # old one is told to drain.
+        new0 = group.pending[0]
+        new0.childDataReceived(3, b"ready\n")
+        self.assertIs(group.workers[0], new0)
+        self.assertEqual(old[0].transport.signals, ["TERM"])
+        self.assertEqual(old[1].transport.signals, [])
+        self.assertEqual(group.retiring, {old[0]})
+        # The drained one exits: not restarted.
+        group._worker_ended(old[0], Failure(ProcessDone(0)))
+        self.assertIsNone(old[0]._restart)
+        self.assertEqual(group.retiring, set())
+        self.assertEqual(len(spawned), 4)
+
+        # Another reload before worker 1 is ready: the pending worker 1 is
+        # superseded too; a reload without socket changes is a SIGHUP.
+        with open(path, "a") as f:
+            f.write("  - {name: other, backends: ['127.0.0.1:2']}\n")
+        answer = self.successResultOf(group.reload(False))
+        self.assertFalse(answer["workers_replaced"])
+        self.assertEqual(new0.transport.signals, ["HUP"])
+        self.assertEqual(group.pending[1].transport.signals, ["HUP"])
+
+    def test_listener_bind_failure(self):
+        """A new address that cannot be bound refuses the reload; nothing changes."""
+        ports = {n: free_port() for n in ("web", "taken")}
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", ports["taken"]))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        text = (
+            "workers: 2\nlisteners:\n"
+            '  - {{name: web, listen: "tcp:{web}:interface=127.0.0.1", cluster: app}}\n'
+            "clusters:\n  - {{name: app, backends: ['127.0.0.1:1']}}\n"
+        )
+        group, path = self.bound_group(text.format(**ports))
+        before = dict(group.sockets)
+        with open(path, "w") as f:
+            f.write(
+                text.format(**ports).replace(
+                    "clusters:",
+                    '  - {name: more, listen: "tcp:%d:interface=127.0.0.1", cluster: app}\n'
+                    "clusters:" % ports["taken"],
+                )
+            )
+        answer = self.successResultOf(group.reload(False))
+        self.assertFalse(answer["ok"])
+        self.assertIn("cannot bind more", answer["errors"][0])
+        self.assertEqual(group.sockets, before)
+        self.assertEqual(group.pending, {})
+        self.assertEqual([li.name for li in group.config.listeners], ["web"])
 
     def test_reopen_logs(self):
         """SIGUSR1 to the parent reaches every worker, which writes the access logs."""

@@ -9,13 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
+from balance.cluster.endpoint import LeanTCP4ClientEndpoint, LeanTCP6ClientEndpoint
 from balance.config import model
 
 _NEVER = float("-inf")
@@ -37,7 +34,8 @@ def client_endpoint(reactor, host: str, port: int, timeout: float) -> IStreamCli
     blocking the reactor and tries every address it gets (happy eyeballs).
     IP literals, IPv4 or IPv6, get a plain TCP endpoint: the result is the
     same, but without a trip through the resolver's thread pool on every
-    connect.
+    connect; and a lean one (L{balance.cluster.endpoint}), whose connections
+    keep nothing of the connect.
 
     @param reactor: An L{IReactorTCP} and L{IReactorTime} provider.
     @param host: A host name or an IP literal, without brackets.
@@ -45,9 +43,9 @@ def client_endpoint(reactor, host: str, port: int, timeout: float) -> IStreamCli
     @param timeout: Seconds to wait for each connection attempt.
     """
     if isIPAddress(host):
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+        return LeanTCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     if isIPv6Address(host):
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+        return LeanTCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 

@@ -19,7 +19,12 @@ Probes: C{tcp} connects and closes; C{http} sends C{GET path} (HTTP/1.1,
 C{Connection: close}, C{User-Agent: balance-health/1}) and parses the
 response with httptools: the status must be one of C{expect_status} and,
 if C{expect_body} is set, the substring must occur in the first
-L{MAX_BODY} bytes of the body.
+L{MAX_BODY} bytes of the body.  In clusters with C{upstream_protocol: h2}
+the same C{GET} goes as one HTTP/2 stream on a new connection (prior
+knowledge, or ALPN C{h2} under the cluster's TLS), as the cluster's
+requests do.  C{grpc} calls C{grpc.health.v1.Health/Check} for C{service}
+over HTTP/2 (Envoy's gRPC health check): it passes on C{grpc-status: 0}
+with C{SERVING}.
 
 Initial state.  A backend starts I{unknown}, which counts as healthy, and
 its first verdict alone decides: one failed first probe marks it DOWN, one
@@ -44,8 +49,13 @@ from __future__ import annotations
 
 import enum
 import random as _random
+import urllib.parse
 from collections.abc import Callable
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import httptools
 from attrs import frozen
 from twisted.application.service import Service
@@ -64,6 +74,12 @@ MAX_BODY = 64 * 1024
 JITTER = 0.1
 
 USER_AGENT = b"balance-health/1"
+
+#: The probes' side of HTTP/2: answers are checked by h2 as they come.
+_H2_CONFIG = h2.config.H2Configuration(client_side=True, header_encoding=None)
+
+#: The method a C{grpc} probe calls.
+GRPC_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 class Health(enum.Enum):
@@ -320,9 +336,19 @@ class _HTTPProbe(_ProbeProtocol):
     # httptools callbacks
 
     def on_headers_complete(self):
+        self._got_status(self._parser.get_status_code())
+
+    def on_body(self, body: bytes):
+        self._got_body(body)
+
+    def on_message_complete(self):
+        self._got_end()
+
+    # the verdict, whichever protocol carried the response
+
+    def _got_status(self, status: int) -> None:
         if self.result.called:
             return
-        status = self._parser.get_status_code()
         if status < 200:
             # An interim response (103 Early Hints): the real one follows.
             return
@@ -332,7 +358,7 @@ class _HTTPProbe(_ProbeProtocol):
         elif self._expect_body is None:
             self._passed()
 
-    def on_body(self, body: bytes):
+    def _got_body(self, body: bytes) -> None:
         if self.result.called or not self._status:
             return
         expect = self._expect_body
@@ -345,10 +371,242 @@ class _HTTPProbe(_ProbeProtocol):
         elif len(self._body) >= MAX_BODY:
             self._failed(f"{self._body_missing()} in its first {MAX_BODY // 1024} KiB")
 
-    def on_message_complete(self):
+    def _got_end(self) -> None:
         if self.result.called or not self._status:
             return
         self._failed(self._body_missing())
+
+
+class _H2Stream:
+    """
+    One request on a new HTTP/2 connection (prior knowledge, or ALPN C{h2}
+    under the cluster's backend TLS), for the probes of clusters with
+    C{upstream_protocol: h2}.  It feeds what comes back to its probe:
+    C{_got_status(status)}, C{_got_body(data)}, C{_got_end()} and, for
+    gRPC, C{_got_fields(headers)} with the response headers and trailers.
+    """
+
+    __slots__ = ("_probe", "_conn")
+
+    def __init__(self, probe: _ProbeProtocol):
+        self._probe = probe
+        self._conn = h2.connection.H2Connection(_H2_CONFIG)
+
+    def start(self, transport, headers: list, body: bytes = b"") -> None:
+        conn = self._conn
+        conn.initiate_connection()
+        conn.send_headers(1, headers, end_stream=not body)
+        if body:
+            conn.send_data(1, body, end_stream=True)
+        transport.write(conn.data_to_send())
+
+    def received(self, transport, data: bytes) -> None:
+        probe = self._probe
+        try:
+            events = self._conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            probe._failed(f"malformed HTTP/2 response ({e.__class__.__name__})")
+            return
+        for event in events:
+            if probe.result.called:
+                return
+            if isinstance(event, h2.events.ResponseReceived):
+                fields = dict(event.headers)
+                probe._got_fields(fields)
+                try:
+                    status = int(fields.get(b":status", b""))
+                except ValueError:
+                    probe._failed("malformed HTTP/2 response (bad :status)")
+                    return
+                probe._got_status(status)
+            elif isinstance(event, h2.events.DataReceived):
+                self._conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                probe._got_body(event.data)
+            elif isinstance(event, h2.events.TrailersReceived):
+                probe._got_fields(dict(event.headers))
+            elif isinstance(event, h2.events.StreamEnded):
+                probe._got_end()
+            elif isinstance(event, h2.events.StreamReset):
+                probe._failed(f"stream reset ({_h2_error(event.error_code)})")
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                probe._failed(f"connection refused the probe ({_h2_error(event.error_code)})")
+        out = self._conn.data_to_send()
+        if out and not probe.result.called:
+            transport.write(out)
+
+
+def _h2_error(code) -> str:
+    return getattr(code, "name", str(code))
+
+
+class _H2HTTPProbe(_HTTPProbe):
+    """The C{http} probe of a cluster whose backends speak HTTP/2."""
+
+    def __init__(self, tracker, headers: list, expect_status, expect_body: bytes | None):
+        super().__init__(tracker, b"", expect_status, expect_body)
+        self._headers = headers
+        self._stream = _H2Stream(self)
+
+    def connectionMade(self):
+        _ProbeProtocol.connectionMade(self)
+        self._stream.start(self.transport, self._headers)
+
+    def dataReceived(self, data: bytes):
+        if not self.result.called:
+            self._stream.received(self.transport, data)
+
+    def _lost(self, reason) -> None:
+        _ProbeProtocol._lost(self, reason)
+
+    def _got_fields(self, fields: dict) -> None:
+        pass
+
+
+#: C{grpc.health.v1.HealthCheckResponse.ServingStatus}, by number.
+GRPC_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+#: The gRPC status codes, by number, for the log.
+GRPC_STATUS = (
+    "OK CANCELLED UNKNOWN INVALID_ARGUMENT DEADLINE_EXCEEDED NOT_FOUND "
+    "ALREADY_EXISTS PERMISSION_DENIED RESOURCE_EXHAUSTED FAILED_PRECONDITION "
+    "ABORTED OUT_OF_RANGE UNIMPLEMENTED INTERNAL UNAVAILABLE DATA_LOSS "
+    "UNAUTHENTICATED"
+).split()
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+def grpc_health_request(service: str) -> bytes:
+    """
+    The length-prefixed gRPC message of a C{grpc.health.v1.HealthCheckRequest}
+    asking about C{service} (C{""}: the server as a whole).
+    """
+    name = service.encode("utf-8")
+    message = b""
+    if name:
+        size, length = len(name), b""
+        while True:
+            low, size = size & 0x7F, size >> 7
+            length += bytes((low | 0x80 if size else low,))
+            if not size:
+                break
+        message = b"\x0a" + length + name
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def grpc_serving_status(message: bytes) -> int:
+    """
+    The C{status} field of a serialized C{HealthCheckResponse} (0, unknown,
+    when absent, as proto3 has it).
+
+    :raise ValueError: if C{message} is not a well-formed protobuf message.
+    """
+    status, i = 0, 0
+    while i < len(message):
+        key, i = _varint(message, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(message, i)
+            if field == 1:
+                status = value
+        elif wire == 2:
+            size, i = _varint(message, i)
+            i += size
+        elif wire == 5:
+            i += 4
+        elif wire == 1:
+            i += 8
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+        if i > len(message):
+            raise ValueError("truncated field")
+    return status
+
+
+class _GRPCProbe(_ProbeProtocol):
+    """
+    The C{grpc} probe: one C{grpc.health.v1.Health/Check} call, as Envoy's
+    gRPC health checker makes it; it passes when the call ends with
+    C{grpc-status: 0} and the answer says C{SERVING}.
+    """
+
+    def __init__(self, tracker, headers: list, request: bytes):
+        super().__init__(tracker)
+        self._headers = headers
+        self._request = request
+        self._stream = _H2Stream(self)
+        self._status = 0
+        self._fields: dict = {}
+        self._body = b""
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._stream.start(self.transport, self._headers, self._request)
+
+    def dataReceived(self, data: bytes):
+        if not self.result.called:
+            self._stream.received(self.transport, data)
+
+    def _got_fields(self, fields: dict) -> None:
+        self._fields.update(fields)
+
+    def _got_status(self, status: int) -> None:
+        if status >= 200:
+            self._status = status
+            if status != 200:
+                self._failed(f"status {status}")
+
+    def _got_body(self, body: bytes) -> None:
+        if self.result.called:
+            return
+        if len(self._body) + len(body) > MAX_BODY:
+            self._failed(f"answer longer than {MAX_BODY // 1024} KiB")
+            return
+        self._body += body
+
+    def _got_end(self) -> None:
+        if self.result.called:
+            return
+        fields = self._fields
+        code = fields.get(b"grpc-status")
+        if code is None:
+            self._failed("no grpc-status in the answer")
+            return
+        if code != b"0":
+            name = GRPC_STATUS[int(code)] if code.isdigit() and int(code) < 17 else ""
+            why = f"grpc-status {code.decode('ascii', 'replace')} {name}".rstrip()
+            message = fields.get(b"grpc-message")
+            if message:
+                why += f": {urllib.parse.unquote(message.decode('ascii', 'replace'))}"
+            self._failed(why)
+            return
+        body = self._body
+        if len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+            self._failed("malformed gRPC answer (not one message)")
+            return
+        if body[0]:
+            self._failed("malformed gRPC answer (compressed, though none was offered)")
+            return
+        try:
+            status = grpc_serving_status(body[5:])
+        except ValueError as e:
+            self._failed(f"malformed gRPC answer ({e})")
+            return
+        if status != 1:
+            self._failed(GRPC_SERVING_STATUS.get(status, f"serving status {status}"))
+        else:
+            self._passed()
 
 
 class _ProbeFactory(Factory):
@@ -384,13 +642,7 @@ def tcp_probe(endpoint, tracker: _OpenProbes | None = None) -> Deferred:
     return endpoint.connect(factory).addCallback(_result_of)
 
 
-def http_request(path: str, host: str) -> bytes:
-    """
-    The bytes of a health check request.
-
-    :raise ValueError: if C{path} or C{host} contain characters that
-        cannot go into a request head (validation should prevent it).
-    """
+def _request_target(path: str, host: str) -> tuple[bytes, bytes]:
     if not path.startswith("/"):
         path = "/" + path
     for what, value in (("path", path), ("host", host)):
@@ -398,9 +650,55 @@ def http_request(path: str, host: str) -> bytes:
             raise ValueError(
                 f"health check {what} must be ASCII without spaces or line breaks, got {value!r}"
             )
+    return path.encode("ascii"), host.encode("ascii")
+
+
+def http_request(path: str, host: str) -> bytes:
+    """
+    The bytes of a health check request.
+
+    :raise ValueError: if C{path} or C{host} contain characters that
+        cannot go into a request head (validation should prevent it).
+    """
+    path_bytes, host_bytes = _request_target(path, host)
     return (
         b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    ) % (path.encode("ascii"), host.encode("ascii"), USER_AGENT)
+    ) % (path_bytes, host_bytes, USER_AGENT)
+
+
+def h2_request(path: str, host: str, scheme: str = "http") -> list[tuple[bytes, bytes]]:
+    """
+    The header fields of an HTTP/2 health check request (C{GET path}).
+
+    :raise ValueError: as L{http_request}.
+    """
+    path_bytes, host_bytes = _request_target(path, host)
+    return [
+        (b":method", b"GET"),
+        (b":scheme", scheme.encode("ascii")),
+        (b":authority", host_bytes),
+        (b":path", path_bytes),
+        (b"user-agent", USER_AGENT),
+        (b"accept", b"*/*"),
+    ]
+
+
+def grpc_request(host: str, scheme: str = "http") -> list[tuple[bytes, bytes]]:
+    """
+    The header fields of a C{grpc.health.v1.Health/Check} call.
+
+    :raise ValueError: as L{http_request}.
+    """
+    path_bytes, host_bytes = _request_target(GRPC_HEALTH_CHECK, host)
+    return [
+        (b":method", b"POST"),
+        (b":scheme", scheme.encode("ascii")),
+        (b":authority", host_bytes),
+        (b":path", path_bytes),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"user-agent", USER_AGENT),
+    ]
 
 
 def http_probe(
@@ -414,7 +712,8 @@ def http_probe(
     Send C{request} over a new connection to C{endpoint} and judge the
     response.
 
-    :param request: from L{http_request}.
+    :param request: from L{http_request}, or the header fields from
+        L{h2_request} to speak HTTP/2 (prior knowledge, or ALPN under TLS).
     :param expect_status: the statuses that pass (a container of ints).
     :param expect_body: bytes the body must contain within L{MAX_BODY}, or
         L{None} to pass on the status alone (the body is then not read).
@@ -424,7 +723,28 @@ def http_probe(
         timeout of its own.
     """
     expect = frozenset(expect_status)
-    factory = _ProbeFactory(lambda: _HTTPProbe(tracker, request, expect, expect_body))
+    if isinstance(request, list):
+        factory = _ProbeFactory(lambda: _H2HTTPProbe(tracker, request, expect, expect_body))
+    else:
+        factory = _ProbeFactory(lambda: _HTTPProbe(tracker, request, expect, expect_body))
+    return endpoint.connect(factory).addCallback(_result_of)
+
+
+def grpc_probe(
+    endpoint, headers: list, service: str = "", tracker: _OpenProbes | None = None
+) -> Deferred:
+    """
+    Call C{grpc.health.v1.Health/Check} for C{service} over a new HTTP/2
+    connection to C{endpoint}.
+
+    :param headers: from L{grpc_request}.
+    :return: a L{Deferred} firing with L{None} when the answer was
+        C{SERVING}, or failing with L{ProbeFailed} (another serving status,
+        a non-zero C{grpc-status}, a malformed answer) or the connection's
+        error.  Cancelling it aborts the connection.
+    """
+    message = grpc_health_request(service)
+    factory = _ProbeFactory(lambda: _GRPCProbe(tracker, headers, message))
     return endpoint.connect(factory).addCallback(_result_of)
 
 
@@ -475,6 +795,8 @@ class HealthChecker(Service):
         on_check: Callable[[object, bool, str | None], object] | None = None,
         endpoint_for: Callable[[object], object] | None = None,
         initial: Health = Health.UNKNOWN,
+        upstream_protocol: str = "http/1.1",
+        scheme: str = "http",
     ):
         """
         :param cluster_name: the cluster's name, for the log.
@@ -497,6 +819,10 @@ class HealthChecker(Service):
             probes connect to; C{backend.endpoint} when L{None}.
         :param initial: the starting L{Health} of backends that are healthy
             when first watched; see the module docstring.
+        :param upstream_protocol: the cluster's; C{http} probes of C{h2}
+            clusters speak HTTP/2, as the cluster's requests do.
+        :param scheme: C{:scheme} of HTTP/2 probes (C{https} under the
+            cluster's backend TLS).
         """
         self.cluster_name = cluster_name
         self.config = config
@@ -506,6 +832,8 @@ class HealthChecker(Service):
         self._on_check = on_check
         self._endpoint_for = endpoint_for or (lambda backend: backend.endpoint)
         self._initial = initial
+        self._h2 = upstream_protocol == "h2"
+        self._scheme = scheme
         # An empty expect_body asks for nothing: the status alone decides.
         self._expect_body = (config.expect_body or "").encode() or None
         self._probes = _OpenProbes()
@@ -574,8 +902,13 @@ class HealthChecker(Service):
                 self.config.healthy_threshold, self.config.unhealthy_threshold, initial
             )
             request = None
-            if self.config.type == "http":
-                request = http_request(self.config.path, self.config.host or backend.address)
+            host = self.config.host or backend.address
+            if self.config.type == "grpc":
+                request = grpc_request(host, self._scheme)
+            elif self.config.type == "http" and self._h2:
+                request = h2_request(self.config.path, host, self._scheme)
+            elif self.config.type == "http":
+                request = http_request(self.config.path, host)
             target = _Target(backend, state, self._endpoint_for(backend), request)
             self._targets[backend] = target
             if self.running:
@@ -600,6 +933,10 @@ class HealthChecker(Service):
     def _probe(self, target: _Target) -> Deferred:
         if target.request is None:
             return tcp_probe(target.endpoint, self._probes)
+        if self.config.type == "grpc":
+            return grpc_probe(
+                target.endpoint, target.request, self.config.service or "", self._probes
+            )
         return http_probe(
             target.endpoint,
             target.request,
@@ -702,6 +1039,11 @@ __all__ = [
     "HealthState",
     "ProbeFailed",
     "Transition",
+    "grpc_health_request",
+    "grpc_probe",
+    "grpc_request",
+    "grpc_serving_status",
+    "h2_request",
     "http_probe",
     "http_request",
     "tcp_probe",

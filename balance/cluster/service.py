@@ -57,6 +57,8 @@ class ClusterService(MultiService):
                 reactor,
                 random=random,
                 on_check=on_check,
+                upstream_protocol=cluster.model.upstream_protocol,
+                scheme="https" if cluster.model.tls is not None else "http",
             )
             cluster.attach_health(self.health)
             self.health.setServiceParent(self)

@@ -45,6 +45,7 @@ class HealthCheck:
     timeout: float = 1.0
     healthy_threshold: int = 2
     unhealthy_threshold: int = 3
+    service: str | None = None
 
 
 @frozen

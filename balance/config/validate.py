@@ -99,7 +99,7 @@ def _backend(ctx, value, path, line):
 
 _health_check = section(
     {
-        "type": choice("http", "tcp"),
+        "type": choice("http", "tcp", "grpc"),
         "path": string,
         "expect_status": list_of(integer(minimum=100, maximum=599), minimum=1),
         "expect_body": nullable(string),
@@ -108,6 +108,7 @@ _health_check = section(
         "timeout": duration(positive=True),
         "healthy_threshold": positive(),
         "unhealthy_threshold": positive(),
+        "service": nullable(string),
     },
     build=model.HealthCheck,
 )
@@ -735,6 +736,28 @@ def _websocket_checks(ctx, raw, config: model.Config):
                 ctx.error(_line_of(raw, *where), shown, "expected at least 1 byte, got 0")
 
 
+def _health_checks(ctx, raw, config: model.Config):
+    """gRPC health checks need an HTTP/2 cluster; C{service} is theirs."""
+    for i, cluster in enumerate(config.clusters):
+        check = cluster.health_check
+        if check is None:
+            continue
+        where = ("clusters", i, "health_check")
+        shown = f"clusters[{i}].health_check"
+        if check.type == "grpc" and cluster.upstream_protocol != "h2":
+            ctx.error(
+                _line_of(raw, *where, "type"),
+                f"{shown}.type",
+                "grpc checks speak HTTP/2: the cluster needs upstream_protocol: h2",
+            )
+        if check.service is not None and check.type != "grpc":
+            ctx.error(
+                _line_of(raw, *where, "service"),
+                f"{shown}.service",
+                f"only grpc checks name a service, this one is type {check.type}",
+            )
+
+
 def validate(raw, path: str) -> model.Config:
     """
     Check a parsed YAML tree and build the config model.
@@ -756,6 +779,7 @@ def validate(raw, path: str) -> model.Config:
     config = model.Config(path=path, **parsed)
     _unsupported_checks(ctx, raw, config)
     _websocket_checks(ctx, raw, config)
+    _health_checks(ctx, raw, config)
     _tls_file_checks(ctx, raw, config)
     if ctx.errors:
         raise ConfigError(ctx.lines())

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.http.test_h2 -*-
 """
 The downstream side of HTTP/2: a client connection speaking h2 (over TLS
-after ALPN) or h2c (cleartext, prior knowledge), with the sans-IO C{h2}
-library inside a Twisted protocol.
+after ALPN) or h2c (cleartext, prior knowledge), with Balance's own
+sans-IO frame layer (L{balance.http.h2_conn}) inside a Twisted protocol.
 
 Every stream becomes an L{balance.http.proxy.Exchange}, proxied exactly as
 an HTTP/1.1 request is (routing, pools, retries, limits, access log): the
@@ -25,11 +25,11 @@ Flow control is end-to-end back-pressure, per stream, both ways:
     DATA is sent and every stream's queue fills up to its mark.
 
 Abuse limits (RFC 9113 10.5) are enforced by L{balance.http.h2_guard}
-before the C{h2} library sees a frame; a client beyond them gets GOAWAY
+before the frame layer parses a frame; a client beyond them gets GOAWAY
 ENHANCE_YOUR_CALM and is closed.  Streams beyond
 C{SETTINGS_MAX_CONCURRENT_STREAMS} are refused one by one
 (REFUSED_STREAM).  Header lists are checked by
-L{balance.http.h2_headers}, with C{h2}'s own validation switched off.
+L{balance.http.h2_headers}.
 
 Draining (the listener's C{drain()}) is the graceful GOAWAY of RFC 9113
 6.8: a first GOAWAY with the largest stream id and a PING; once the PING
@@ -41,19 +41,24 @@ from __future__ import annotations
 
 import socket
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from balance import _io
+from balance.http.h2_conn import (
+    ENABLE_PUSH,
+    MAX_HEADER_LIST_SIZE,
+    STREAM_WINDOW,
+    ErrorCodes,
+    H2ConnectionError,
+    ServerConnection,
+    StreamClosedError,
+)
+from balance.http.h2_conn import (
+    MAX_CONCURRENT_STREAMS as _MAX_CONCURRENT_STREAMS,
+)
 from balance.http.h2_guard import FrameGuard
 from balance.http.h2_headers import (
     MAX_FIELDS,
@@ -71,10 +76,6 @@ __all__ = ["H2Options", "H2DownstreamConnection", "MAX_CONCURRENT_STREAMS"]
 #: Streams a client may have open at once (advertised in SETTINGS).
 MAX_CONCURRENT_STREAMS = 100
 
-#: The stream flow-control window Balance gives a client for request
-#: bodies: the protocol's default, so that no SETTINGS entry is needed.
-STREAM_WINDOW = 65535
-
 #: Bytes written while the client reads nothing (its socket buffer is
 #: full) beyond which the connection is cut: control frames (SETTINGS and
 #: PING acknowledgements, response heads) it keeps causing.
@@ -87,53 +88,21 @@ DRAIN_PING_TIMEOUT = 1.0
 CLOSE_LINGER = 5.0
 
 _DRAIN_PING = b"balance!"
-# Stream objects (open or closed) beyond which h2 forgets the closed ones.
-_PRUNE_STREAMS = 2 * MAX_CONCURRENT_STREAMS
 _LAST_STREAM_ID = 2**31 - 1
 # Methods whose empty body still says "content-length: 0" to a backend.
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
-class _H2Connection(h2.connection.H2Connection):
-    """
-    C{h2}'s connection, with two changes:
-
-      - no check of the concurrent stream limit of its own: it makes one
-        stream too many a connection error, where RFC 9113 5.1.2 allows
-        refusing that stream alone, which Balance does;
-      - closed streams are forgotten in batches rather than by a scan of
-        every stream each time a stream opens (which the check needed), and
-        fewer of them are remembered (C{h2} keeps 65536 per connection,
-        megabytes for a long-lived one).
-    """
-
-    MAX_CLOSED_STREAMS = 1024
-
-    @property
-    def open_inbound_streams(self) -> int:
-        if len(self.streams) > _PRUNE_STREAMS:
-            self._open_streams(1)
-        return 0
-
-
 class H2Options:
     """
     What the HTTP/2 connections of one listener share, built once: the
-    C{h2} configuration, limits, and the HEADERS form of the listener's
-    local route replies.
+    SETTINGS, limits, and the HEADERS form of the listener's local route
+    replies.
 
     :param ctx: the listener's L{balance.http.server.HTTPContext}.
     """
 
     def __init__(self, ctx, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS):
-        self.config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
         self.max_streams = max_concurrent_streams
         self.max_header_bytes = ctx.max_header_bytes
         # Decoded header lists up to this size are answered 431 when above
@@ -142,9 +111,9 @@ class H2Options:
         # HTTP/1.1 does.
         self.hpack_limit = 2 * ctx.max_header_bytes + 32 * MAX_FIELDS
         self.settings = {
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: ctx.max_header_bytes,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            _MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            MAX_HEADER_LIST_SIZE: ctx.max_header_bytes,
+            ENABLE_PUSH: 0,
         }
         # Enough connection window for every stream's window, so that one
         # stalled stream never holds up the others.
@@ -169,7 +138,7 @@ class H2DownstreamConnection(Protocol):
 
     :ivar ctx: the listener's L{balance.http.server.HTTPContext}.
     :ivar options: the listener's L{H2Options}.
-    :ivar h2: the C{h2} connection (for the streams).
+    :ivar h2: the L{ServerConnection} (for the streams).
     :ivar client_ip: the peer address as bytes.
     """
 
@@ -198,6 +167,9 @@ class H2DownstreamConnection(Protocol):
         self._idle_deadline = 0.0
         self._drain_deadline = 0.0
         self._last_stream = 0
+        # The last request head read: its field list, the limits it was
+        # read under, and what read_request made of it.
+        self._parsed = None
         # 0: serving; 1: first GOAWAY sent (draining); 2: last GOAWAY sent.
         self._goaway = 0
         self._peer_goaway = False
@@ -231,11 +203,9 @@ class H2DownstreamConnection(Protocol):
         if self._direct:
             transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         options = self.options
-        conn = self.h2 = _H2Connection(options.config)
-        conn.local_settings = h2.settings.Settings(client=False, initial_values=options.settings)
-        conn.decoder.max_header_list_size = options.hpack_limit
-        conn.initiate_connection()
-        conn.increment_flow_control_window(options.connection_window - STREAM_WINDOW)
+        self.h2 = ServerConnection(
+            self, options.settings, options.connection_window, options.hpack_limit
+        )
         self._guard = FrameGuard(options.max_header_bytes)
         transport.registerProducer(self, True)
         ctx = self.ctx
@@ -260,24 +230,18 @@ class H2DownstreamConnection(Protocol):
         if why is not None:
             self._enhance_your_calm(why)
             return
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            # h2 queued its GOAWAY (PROTOCOL_ERROR, or ENHANCE_YOUR_CALM
-            # for an HPACK bomb); nothing of this read is processed.
-            self._close_now("HTTP/2 protocol error: %s" % (e,))
-            return
         self.reading = True
         try:
-            dispatch = _DISPATCH
-            for event in events:
-                handler = dispatch.get(event.__class__)
-                if handler is not None:
-                    handler(self, event)
-                    if self._closing:
-                        return
+            self.h2.receive(data)
+            if self._closing:
+                return
             if self._starting:
                 self._start_exchanges()
+        except H2ConnectionError as e:
+            # GOAWAY is queued (PROTOCOL_ERROR and the like, or
+            # ENHANCE_YOUR_CALM for an HPACK bomb).
+            self._close_now("HTTP/2 protocol error: %s" % (e,))
+            return
         finally:
             self.reading = False
         if self._guard.block_started is not None:
@@ -299,10 +263,10 @@ class H2DownstreamConnection(Protocol):
             self._cancel(stream, "client closed the connection")
         self.ctx.connection_lost(self)
 
-    # -- events --------------------------------------------------------------------
+    # -- the frame layer's calls ---------------------------------------------------
 
-    def _on_request(self, event) -> None:
-        sid = event.stream_id
+    def h2_request(self, sid: int, fields: list, ended: bool) -> None:
+        """A new stream: its request head (see L{balance.http.h2_conn})."""
         if self._goaway == 2 and sid > self._last_stream:
             # After the last GOAWAY: not processed, safe to retry elsewhere.
             self._reset(sid, ErrorCodes.REFUSED_STREAM)
@@ -317,19 +281,61 @@ class H2DownstreamConnection(Protocol):
         ex = stream.exchange = Exchange(stream)
         ctx = self.ctx
         ex.started = ctx.reactor.seconds()
-        if event.stream_ended is not None:
+        if ended:
             stream.request_ended = ex.request_done = True
-        try:
-            stream.has_length = read_request(
-                ex, event.headers, ctx.max_header_bytes, ctx.max_body_bytes
+        parsed = self._parsed
+        if (
+            parsed is not None
+            and parsed[0] is fields
+            and parsed[1] == ctx.max_header_bytes
+            and parsed[2] == ctx.max_body_bytes
+        ):
+            # The same header block as the last request, decoded to the
+            # same list (see balance.http.hpack): checked already.
+            (
+                ex.method,
+                ex.target,
+                ex.path,
+                ex.host,
+                ex.content_length,
+                ex.te_trailers,
+                ex.expect_continue,
+                ex.grpc_timeout,
+            ) = parsed[3]
+            ex.headers = list(parsed[4])
+            stream.has_length = parsed[5]
+        else:
+            try:
+                stream.has_length = read_request(
+                    ex, fields, ctx.max_header_bytes, ctx.max_body_bytes
+                )
+            except RequestError as e:
+                stream.started = True
+                ex.fail(e.status, e.reason)
+                return
+            self._parsed = (
+                fields,
+                ctx.max_header_bytes,
+                ctx.max_body_bytes,
+                (
+                    ex.method,
+                    ex.target,
+                    ex.path,
+                    ex.host,
+                    ex.content_length,
+                    ex.te_trailers,
+                    ex.expect_continue,
+                    ex.grpc_timeout,
+                ),
+                list(ex.headers),
+                stream.has_length,
             )
-        except RequestError as e:
-            stream.started = True
-            ex.fail(e.status, e.reason)
-            return
+        if stream.has_length:
+            stream.body_left = ex.content_length
         if stream.request_ended and ex.content_length:
-            # h2 checks content-length against DATA only: a backend would
-            # wait for this body, then take the next request for it.
+            # DATA is checked against content-length, not a lone HEADERS:
+            # a backend would wait for this body, then take the next
+            # request for it.
             stream.started = True
             ex.fail(400, "content-length without a body")
             return
@@ -359,15 +365,18 @@ class H2DownstreamConnection(Protocol):
             ex.start()
             stream.release_acks()
 
-    def _on_data(self, event) -> None:
-        sid = event.stream_id
-        size = event.flow_controlled_length
+    def h2_data(self, sid: int, data: bytes, size: int) -> None:
+        """Request body on a stream (C{size} counts its padding too)."""
         stream = self._streams.get(sid)
         if stream is None:
             self.acknowledge(sid, size)
             return
+        if stream.body_left >= 0:
+            stream.body_left -= len(data)
+            if stream.body_left < 0:
+                # The extra bytes would be a backend's next request.
+                self.h2.connection_error(ErrorCodes.PROTOCOL_ERROR, "DATA beyond content-length")
         ex = stream.exchange
-        data = event.data
         if ex.response_done:
             # Answered already (an error, a local reply): the rest of the
             # body is read and dropped.
@@ -383,19 +392,15 @@ class H2DownstreamConnection(Protocol):
         ex.request_body(data)
         stream.received(size)
 
-    def _on_stream_ended(self, event) -> None:
-        stream = self._streams.get(event.stream_id)
+    def h2_end(self, sid: int) -> None:
+        """The client ended its side of a stream."""
+        stream = self._streams.get(sid)
         if stream is None or stream.request_ended:
             return
+        if stream.body_left > 0:
+            self.h2.connection_error(ErrorCodes.PROTOCOL_ERROR, "DATA short of content-length")
         stream.request_ended = True
         ex = stream.exchange
-        if stream.has_length and ex.body_received != ex.content_length and not ex.response_done:
-            # Ended by trailers short of its content-length (h2 checks DATA
-            # only): malformed (RFC 9113 8.1.1), and never completed upstream.
-            ex.status = 400
-            ex.reason = "body shorter than its content-length"
-            self.reset_stream(stream, ErrorCodes.PROTOCOL_ERROR)
-            return
         if not stream.started:
             ex.request_done = True
         else:
@@ -403,29 +408,52 @@ class H2DownstreamConnection(Protocol):
         if stream.response_sent:
             self._stream_closed(stream)
 
-    def _on_trailers(self, event) -> None:
-        # END_STREAM comes with them (StreamEnded follows): they go upstream
-        # with the end of the body, if the backend's protocol has room.
-        stream = self._streams.get(event.stream_id)
-        if stream is not None:
-            stream.exchange.trailers_in = safe_trailers(event.headers) or None
+    def h2_trailers(self, sid: int, fields: list) -> None:
+        """
+        Request trailers (END_STREAM comes with them, C{h2_end} follows):
+        they go upstream with the end of the body, if the backend's
+        protocol has room.
+        """
+        stream = self._streams.get(sid)
+        if stream is None:
+            return
+        ex = stream.exchange
+        if stream.body_left > 0 and not ex.response_done:
+            # Ended short of its content-length: malformed (RFC 9113
+            # 8.1.1), and never completed upstream.
+            ex.status = 400
+            ex.reason = "body shorter than its content-length"
+            self.reset_stream(stream, ErrorCodes.PROTOCOL_ERROR)
+            return
+        stream.body_left = -1
+        ex.trailers_in = safe_trailers(fields) or None
 
-    def _on_reset(self, event) -> None:
-        stream = self._streams.pop(event.stream_id, None)
+    def h2_reset(self, sid: int, code: int) -> None:
+        """The client reset a stream."""
+        self._end_stream(sid, "client reset the stream")
+
+    def h2_stream_error(self, sid: int, code: int) -> None:
+        """The frame layer reset a stream for a stream error."""
+        self._end_stream(sid, "stream error: " + ErrorCodes(code).name)
+
+    def _end_stream(self, sid: int, reason: str) -> None:
+        stream = self._streams.pop(sid, None)
         if stream is not None:
             self._sending.pop(stream.id, None)
-            self._cancel(stream, "client reset the stream")
+            self._cancel(stream, reason)
             self._after_stream()
 
-    def _on_ping_ack(self, event) -> None:
-        if self._goaway == 1 and event.ping_data == _DRAIN_PING:
+    def h2_ping_ack(self, data: bytes) -> None:
+        """A PING of Balance's came back."""
+        if self._goaway == 1 and data == _DRAIN_PING:
             self._last_goaway()
 
-    def _on_goaway(self, event) -> None:
-        # The h2 library sends nothing more once it received a GOAWAY (its
-        # state machine is closed), so the streams still running cannot
-        # be answered: they end here.  Clients send GOAWAY when they are
-        # done anyway (curl, nghttp2, browsers).
+    def h2_goaway(self, code: int, last_stream_id: int) -> None:
+        """
+        The client sent GOAWAY: the streams still running end here (the
+        frame layer could answer them, but clients send GOAWAY when they
+        are done anyway: curl, nghttp2, browsers).
+        """
         self._peer_goaway = True
         if self._streams:
             self._close_now("client sent GOAWAY")
@@ -454,11 +482,8 @@ class H2DownstreamConnection(Protocol):
         self._after_stream()
 
     def _reset(self, stream_id: int, code: int) -> None:
-        try:
-            self.h2.reset_stream(stream_id, code)
-        except h2.exceptions.NoSuchStreamError:
-            # Already closed on both sides (a closed stream is "no such").
-            pass
+        # Nothing when already closed on both sides.
+        self.h2.reset_stream(stream_id, code)
 
     def _cancel(self, stream: H2Stream, reason: str) -> None:
         """The stream ends before its Exchange did: drop the backend side."""
@@ -560,10 +585,11 @@ class H2DownstreamConnection(Protocol):
                     sending.pop(stream.id, None)
                     if stream.response_sent:
                         self._stream_closed(stream)
-        except h2.exceptions.ProtocolError as e:
-            # A state h2 refuses to send in: never expected, but it must
-            # not escape into the backend connection that flushed.
-            self.log.failure("HTTP/2 output refused by h2")
+        except (StreamClosedError, ValueError) as e:
+            # A state the frame layer refuses to send in: never expected,
+            # but it must not escape into the backend connection that
+            # flushed.
+            self.log.failure("HTTP/2 output refused")
             self._close_now("HTTP/2 output refused: %s" % (e,))
 
     # -- IPushProducer: the client's socket ---------------------------------------
@@ -597,7 +623,7 @@ class H2DownstreamConnection(Protocol):
             self._close_gracefully()
             return
         self._goaway = 1
-        self._write_frame(GoAwayFrame(0, last_stream_id=_LAST_STREAM_ID))
+        self.h2.goaway(_LAST_STREAM_ID)
         self.h2.ping(_DRAIN_PING)
         self._drain_deadline = self.ctx.reactor.seconds() + DRAIN_PING_TIMEOUT
         self.arm(self._drain_deadline)
@@ -605,16 +631,8 @@ class H2DownstreamConnection(Protocol):
 
     def _last_goaway(self) -> None:
         self._goaway = 2
-        self._write_frame(GoAwayFrame(0, last_stream_id=self._last_stream))
+        self.h2.goaway(self._last_stream)
         self._after_stream()
-
-    def _write_frame(self, frame) -> None:
-        # A GOAWAY through h2 would close its state machine to the streams
-        # still running, so it is written beside h2's output, in order.
-        self._flush_now()
-        data = frame.serialize()
-        self.bytes_out += len(data)
-        self.transport.write(data)
 
     def _close_gracefully(self) -> None:
         self._close_pending = True
@@ -645,6 +663,7 @@ class H2DownstreamConnection(Protocol):
         self._sending.clear()
         self._starting = []
         self._closing = True
+        self.h2.stop()
         for stream in streams:
             self._cancel(stream, why)
         data = self.h2.data_to_send()
@@ -708,14 +727,3 @@ class H2DownstreamConnection(Protocol):
         if not self._closing and nearest != float("inf"):
             self._timer = self.ctx.reactor.callLater(nearest - now, self._on_timer)
         self._flush_now()
-
-
-_DISPATCH = {
-    h2.events.RequestReceived: H2DownstreamConnection._on_request,
-    h2.events.DataReceived: H2DownstreamConnection._on_data,
-    h2.events.StreamEnded: H2DownstreamConnection._on_stream_ended,
-    h2.events.TrailersReceived: H2DownstreamConnection._on_trailers,
-    h2.events.StreamReset: H2DownstreamConnection._on_reset,
-    h2.events.PingAckReceived: H2DownstreamConnection._on_ping_ack,
-    h2.events.ConnectionTerminated: H2DownstreamConnection._on_goaway,
-}

@@ -1,15 +1,16 @@
 # -*- test-case-name: tests.http.test_h2_guard -*-
 """
 The HTTP/2 abuse guard: every frame a client sends is looked at here, from
-its 9-byte header alone, before the C{h2} library parses it.
+its 9-byte header alone, before the frame layer (L{balance.http.h2_conn})
+parses it.
 
 It enforces the limits whose violation costs Balance work without giving a
 client anything (RFC 9113 10.5, and the "HTTP/2 implementation issues" of
 2019 and 2023):
 
   - a header block (HEADERS and its CONTINUATION frames) larger than the
-    listener's C{max_header_bytes} before it is complete: C{h2} would hold
-    up to 64 CONTINUATION frames (1 MiB) of it before giving up
+    listener's C{max_header_bytes} before it is complete, counted as the
+    frame headers arrive, before their payloads are buffered
     (CONTINUATION flood);
   - control frames that make no progress (SETTINGS, PING, PRIORITY, empty
     DATA or CONTINUATION, frame types Balance does not know) beyond a
@@ -178,7 +179,8 @@ class FrameGuard:
             block = length
             self.block_started = now
         elif self._block < 0:
-            # A CONTINUATION out of place: h2 refuses it as a protocol error.
+            # A CONTINUATION out of place: the frame layer refuses it as a
+            # protocol error.
             return None
         else:
             block = self._block + length

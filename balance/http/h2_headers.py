@@ -5,10 +5,9 @@ client's request fields checked and turned into what an HTTP/1.1 backend
 gets, and a response (a backend's, or Balance's own) turned into the field
 list of a HEADERS frame.
 
-The C{h2} library's own header validation is switched off (it costs a
-quarter of its time per request, byte by byte in Python); the checks here
-refuse everything it would have refused that matters when a request goes
-on as HTTP/1.1, which is the request smuggling surface of a downgrade:
+The frame layer (L{balance.http.h2_conn}) does not look into header
+lists; the checks here refuse what matters when a request goes on as
+HTTP/1.1, which is the request smuggling surface of a downgrade:
 
   - names that are empty, not tokens, or not lower case; values with NUL,
     CR, LF (or any other control character but HTAB), or with leading or
@@ -22,10 +21,10 @@ on as HTTP/1.1, which is the request smuggling surface of a downgrade:
     C{:path}, each at most once, all before the regular fields; C{:method}
     a token, C{:path} origin-form (or C{*} for OPTIONS) without space,
     control characters or fragment; C{:authority} and C{host} agreeing;
-  - C{content-length} that is not one decimal number.  (The C{h2} library
-    itself checks DATA against C{content-length}, always: more or less than
-    announced is a connection error, so a short or long body never reaches
-    a backend.)
+  - C{content-length} that is not one decimal number.  (The connection,
+    L{balance.http.h2}, checks DATA against C{content-length}, always:
+    more or less than announced is a connection error, so a short or long
+    body never reaches a backend.)
 
 Everything here is pure and works on bytes.
 """
@@ -38,6 +37,10 @@ from balance.http.headers import forwarded_for
 from balance.http.message import HOP_BY_HOP, NO_BODY_STATUS, connection_tokens, valid_host
 
 __all__ = [
+    "grpc_local_fields",
+    "grpc_status",
+    "grpc_timeout",
+    "is_grpc",
     "RequestError",
     "read_request",
     "response_fields",
@@ -56,9 +59,9 @@ _VIA = b"1.1 balance"
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9a-z"
 # Regular field names joined by "\n": each a non-empty lower-case token.
 _NAMES = re.compile(rb"[%s]+(?:\n[%s]+)*\Z" % (_TCHAR, _TCHAR))
-# Field values joined by "\0" (the count of "\0" is checked apart): no
-# control character but HTAB, no whitespace at either end of a value.
-_BAD_VALUES = re.compile(rb"[\x01-\x08\x0a-\x1f\x7f]|(?:^|\x00)[ \t]|[ \t](?:\x00|\Z)")
+# Control characters but HTAB (and NUL, which joins values; see _bad_values).
+_CONTROLS = bytes([c for c in range(1, 32) if c != 9]) + b"\x7f"
+_BLANKS = (b" ", b"\t")
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # An origin-form target: visible ASCII, no fragment.
 _PATH = re.compile(rb"/[!-\"$-~]*\Z")
@@ -71,6 +74,7 @@ _COOKIE = 4
 _TE = 5
 _EXPECT = 6
 _CONNECTION = 7
+_GRPC_TIMEOUT = 8
 _SPECIAL = {
     b":method": _PSEUDO,
     b":scheme": _PSEUDO,
@@ -86,11 +90,62 @@ _SPECIAL = {
     b"proxy-connection": _CONNECTION,
     b"transfer-encoding": _CONNECTION,
     b"upgrade": _CONNECTION,
+    b"grpc-timeout": _GRPC_TIMEOUT,
+}
+
+#: The units of C{grpc-timeout}, in seconds.
+_GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+#: gRPC status codes (by name, for local replies).
+GRPC_OK = 0
+GRPC_UNKNOWN = 2
+GRPC_DEADLINE_EXCEEDED = 4
+GRPC_PERMISSION_DENIED = 7
+GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_UNIMPLEMENTED = 12
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+GRPC_UNAUTHENTICATED = 16
+
+# What a gRPC client gets instead of the HTTP status of a local reply: the
+# gRPC project's HTTP-to-gRPC mapping (doc/http-grpc-status-mapping.md),
+# except where the proxy knows better (see grpc_status).
+_GRPC_STATUS = {
+    400: GRPC_INTERNAL,
+    401: GRPC_UNAUTHENTICATED,
+    403: GRPC_PERMISSION_DENIED,
+    404: GRPC_UNIMPLEMENTED,
+    405: GRPC_UNIMPLEMENTED,
+    408: GRPC_DEADLINE_EXCEEDED,
+    413: GRPC_RESOURCE_EXHAUSTED,
+    429: GRPC_RESOURCE_EXHAUSTED,
+    431: GRPC_RESOURCE_EXHAUSTED,
+    501: GRPC_UNIMPLEMENTED,
+    502: GRPC_UNAVAILABLE,
+    503: GRPC_UNAVAILABLE,
+    504: GRPC_UNAVAILABLE,
 }
 
 _STATUS = {code: b"%d" % code for code in range(100, 600)}
 _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
 _RESPONSE_SPECIAL = HOP_BY_HOP | {b"via", b"content-length"}
+
+
+def _bad_values(values: bytes) -> bool:
+    """
+    Whether field values joined by "\\0" (whose count is checked apart)
+    hold a control character but HTAB, or whitespace at either end of a
+    value: a few passes in C, cheaper than one regular expression.
+    """
+    return (
+        len(values.translate(None, _CONTROLS)) != len(values)
+        or values.startswith(_BLANKS)
+        or values.endswith(_BLANKS)
+        or b"\x00 " in values
+        or b" \x00" in values
+        or b"\x00\t" in values
+        or b"\t\x00" in values
+    )
 
 
 class RequestError(Exception):
@@ -186,6 +241,11 @@ def read_request(ex, fields, max_header_bytes: int, max_body_bytes: int) -> bool
             if value.lower() != b"100-continue":
                 raise RequestError(417, "unsupported expect: %r" % (value,))
             ex.expect_continue = True
+        elif kind == _GRPC_TIMEOUT:
+            # The client's deadline: it bounds the route's timeout, and
+            # the backend sees it too.
+            ex.grpc_timeout = grpc_timeout(value)
+            append(field)
         else:
             raise RequestError(400, "connection-specific field %s" % (name.decode("ascii"),))
 
@@ -200,7 +260,7 @@ def read_request(ex, fields, max_header_bytes: int, max_body_bytes: int) -> bool
         values = b"\x00".join([f[1] for f in regular])
         if values.count(b"\x00") != len(regular) - 1:
             raise RequestError(400, "NUL in a header field value")
-        if _BAD_VALUES.search(values) is not None:
+        if _bad_values(values):
             raise RequestError(400, "invalid header field value")
         # As HTTP/1.1 counts a head: "name: value\r\n" per field.
         size = len(names) + len(values) + 3 * len(regular)
@@ -246,6 +306,71 @@ def read_request(ex, fields, max_header_bytes: int, max_body_bytes: int) -> bool
     ex.host = host
     ex.headers = headers
     return length is not None
+
+
+def grpc_timeout(value: bytes) -> float:
+    """
+    The seconds of a C{grpc-timeout} value (at most 8 digits and a unit,
+    gRPC over HTTP/2).
+
+    :raise RequestError: 400, for anything else.
+    """
+    unit = _GRPC_UNITS.get(value[-1:])
+    digits = value[:-1]
+    if unit is None or not 0 < len(digits) <= 8 or not digits.isdigit():
+        raise RequestError(400, "invalid grpc-timeout %r" % (value,))
+    return int(digits) * unit
+
+
+def is_grpc(ex) -> bool:
+    """Whether the request of C{ex} is a gRPC call (C{content-type: application/grpc...})."""
+    for name, value in ex.headers or ():
+        if name == b"content-type":
+            return value[:16].lower() == b"application/grpc"
+    return False
+
+
+def grpc_status(status: int, reason: str) -> int:
+    """
+    The gRPC status of a local reply of HTTP C{status} for C{reason}: a
+    response that did not come in time is DEADLINE_EXCEEDED, not the
+    UNAVAILABLE of a 504 (clients retry UNAVAILABLE, and the backend may
+    have done the work); a connection that was never made, UNAVAILABLE.
+    """
+    if status == 504 and "timeout" in reason and "connect timeout" not in reason:
+        return GRPC_DEADLINE_EXCEEDED
+    return _GRPC_STATUS.get(status, GRPC_UNKNOWN)
+
+
+def _grpc_message(reason: str) -> bytes:
+    # gRPC's percent-encoding: what is not printable ASCII, and "%".
+    return b"".join(
+        bytes((c,)) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c
+        for c in reason.encode("utf-8")
+    )
+
+
+def grpc_local_fields(status: int, reason: str, extra: bytes = b"") -> list:
+    """
+    The fields of a local reply to a gRPC call: a Trailers-Only response
+    (HTTP 200, C{grpc-status} and C{grpc-message}, no body), as Envoy sends,
+    so that the client sees a gRPC status rather than an HTTP one.
+
+    :param extra: further header lines, each ending in CRLF (the 429's).
+    """
+    out = [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        (b"grpc-status", b"%d" % grpc_status(status, reason)),
+    ]
+    if reason:
+        out.append((b"grpc-message", _grpc_message(reason)))
+    if extra:
+        for line in extra.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if sep:
+                out.append((name.strip().lower(), value.strip()))
+    return out
 
 
 def response_fields(ex, status: int, headers, set_cookie: bytes | None = None) -> list:
@@ -463,10 +588,6 @@ def safe_trailers(fields) -> list:
         return kept
     names = b"\n".join([f[0] for f in kept])
     values = b"\x00".join([f[1] for f in kept])
-    if (
-        _NAMES.match(names) is None
-        or values.count(b"\x00") != len(kept) - 1
-        or _BAD_VALUES.search(values) is not None
-    ):
+    if _NAMES.match(names) is None or values.count(b"\x00") != len(kept) - 1 or _bad_values(values):
         return []
     return kept

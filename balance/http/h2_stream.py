@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from collections import deque
 
-from h2.errors import ErrorCodes
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from balance.http.h2_conn import ErrorCodes
 from balance.http.h2_flow import HIGH_WATER, LOW_WATER, QueuedStream
-from balance.http.h2_headers import local_fields, response_fields
+from balance.http.h2_headers import grpc_local_fields, is_grpc, local_fields, response_fields
 from balance.http.proxy import Exchange
 
 __all__ = ["H2Stream", "HIGH_WATER", "LOW_WATER"]
@@ -57,6 +57,8 @@ class H2Stream(QueuedStream):
         the request, see C{H2DownstreamConnection._start_exchanges}).
     :ivar request_ended: the client sent END_STREAM.
     :ivar has_length: the request has a C{content-length}.
+    :ivar body_left: request body bytes its C{content-length} still
+        announces, or -1 without one.
     """
 
     __slots__ = (
@@ -72,6 +74,7 @@ class H2Stream(QueuedStream):
         "request_ended",
         "logged",
         "has_length",
+        "body_left",
         "_interim",
         "_read_paused",
         "_unacked",
@@ -103,6 +106,7 @@ class H2Stream(QueuedStream):
         self.request_ended = False
         self.logged = False
         self.has_length = False
+        self.body_left = -1
         self._interim = False
         self._read_paused = False
         self._unacked = 0
@@ -151,7 +155,15 @@ class H2Stream(QueuedStream):
     def send_local(
         self, ex: Exchange, status: int, body: bytes, close: bool, extra: bytes = b""
     ) -> None:
-        """A whole response Balance makes itself (C{close} means nothing here)."""
+        """
+        A whole response Balance makes itself (C{close} means nothing here);
+        to a gRPC call, a Trailers-Only gRPC status instead.
+        """
+        if is_grpc(ex):
+            self._head = grpc_local_fields(status, ex.reason, extra)
+            self._end = True
+            self.conn.want_to_send(self)
+            return
         self._head = local_fields(status, body, extra)
         if body and ex.method != b"HEAD":
             self._out.append(body)

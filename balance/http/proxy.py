@@ -89,6 +89,33 @@ ERROR_BODIES = {
 }
 
 
+def try_attributes(ex, span) -> dict:
+    """
+    The attributes of the client span of C{ex}'s last try, after the
+    OpenTelemetry HTTP client conventions.
+    """
+    backend = ex.backend
+    attributes = {
+        "http.request.method": ex.method.decode("latin-1"),
+        "server.address": backend.host,
+        "server.port": backend.port,
+        "balance.upstream.address": backend.address,
+    }
+    if span.try_status:
+        attributes["http.response.status_code"] = span.try_status
+    if span.tries > 1:
+        attributes["http.request.resend_count"] = span.tries - 1
+    return attributes
+
+
+def try_error(ex, span) -> str | None:
+    """Why C{ex}'s last try failed (no response, or a 5xx), or L{None}."""
+    status = span.try_status
+    if status and status < 500:
+        return None
+    return ex.reason or ("status %d" % (status,) if status else "no response")
+
+
 class _Tries:
     """
     The retry state of one request on a route with C{retry:}.
@@ -208,6 +235,7 @@ class Exchange:
         "upgrade",
         "ws_key",
         "switching",
+        "grpc_timeout",
     )
 
     def __init__(self, downstream):
@@ -273,6 +301,9 @@ class Exchange:
         self.upgrade = None
         self.ws_key = b""
         self.switching = None
+        # A gRPC call's grpc-timeout, in seconds (0: none); it bounds the
+        # route's timeout.
+        self.grpc_timeout = 0.0
 
     # -- starting ------------------------------------------------------------
 
@@ -361,6 +392,9 @@ class Exchange:
         self.cluster = cluster
         self._slot = True
         timeout = route.timeout if route.timeout is not None else ctx.default_timeout
+        grpc_timeout = self.grpc_timeout
+        if grpc_timeout and grpc_timeout < timeout:
+            timeout = grpc_timeout
         self.deadline = ctx.reactor.seconds() + timeout
         down.arm(self.deadline, timeout)
         if ctx.retry_policies:
@@ -411,6 +445,9 @@ class Exchange:
                     b"Retry-After: %d\r\n" % (cluster.retry_after(),),
                 )
             return
+        span = self.span
+        if span is not None and span.recording:
+            self._trace_try(span)
         self.backend = backend
         self.permit = permit
         cluster.started(backend)
@@ -433,6 +470,13 @@ class Exchange:
             self._send(conn)
             return
         self._connect()
+
+    def _trace_try(self, span) -> None:
+        """A try starts: end the client span of the one before, begin its own."""
+        tracer = self.downstream.ctx.tracer
+        if span.try_id is not None:
+            tracer.end_try(span, try_attributes(self, span), try_error(self, span))
+        tracer.begin_try(span)
 
     def _past_breakers(self, backend):
         """
@@ -531,6 +575,9 @@ class Exchange:
         if not self._counted:
             return
         self._counted = False
+        span = self.span
+        if span is not None and span.try_id is not None:
+            self.downstream.ctx.tracer.try_ended(span)
         backend = self.backend
         cluster = self.cluster
         permit = self.permit
@@ -723,6 +770,9 @@ class Exchange:
         """The backend's response head was parsed."""
         if conn is not self.upstream:
             return
+        span = self.span
+        if span is not None:
+            span.try_status = status
         down = self.downstream
         backend = self.backend
         cluster = self.cluster

@@ -16,6 +16,7 @@ from balance.cluster.retry import RetryBudget, RetryPolicy
 from balance.config import model
 from balance.http import h2_headers, headers
 from balance.http.h1 import DownstreamConnection
+from balance.http.proxy import try_attributes, try_error
 from balance.http.router import Router
 from balance.http.sniff import HTTPProtocols
 from balance.observe.accesslog import protocol_version, tls_version
@@ -196,10 +197,15 @@ class HTTPContext:
         """The request HEADERS for an HTTP/2 backend; see L{h2_headers.request_fields}."""
         down = ex.downstream
         if self.cert_header is None:
-            return h2_headers.request_fields(ex, down.client_ip, self.proto, scheme)
-        return h2_headers.request_fields(
-            ex, down.client_ip, self.proto, scheme, self.cert_header, client_subject(down)
-        )
+            fields = h2_headers.request_fields(ex, down.client_ip, self.proto, scheme)
+        else:
+            fields = h2_headers.request_fields(
+                ex, down.client_ip, self.proto, scheme, self.cert_header, client_subject(down)
+            )
+        span = ex.span
+        if span is not None:
+            fields += span.fields()
+        return fields
 
     def response_head(
         self, ex, status: int, phrase: bytes, response_headers, set_cookie: bytes | None = None
@@ -264,8 +270,10 @@ class HTTPContext:
         if self.access_log is not None:
             self.access_log.write(self, conn, ex)
         span = ex.span
-        if span is not None and span.sampled and self.tracer.exporter is not None:
+        if span is not None and span.recording:
             # Attributes only for spans that are kept.
+            if span.try_id is not None:
+                self.tracer.end_try(span, try_attributes(ex, span), try_error(ex, span))
             self.tracer.end(span, span_attributes(self, conn, ex), _span_error(ex))
 
 

@@ -44,6 +44,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from balance._timers import DeadlineWheel
 from balance.acl import CidrMatcher
 from balance.cluster.cluster import Cluster, NoBackendAvailable
 from balance.config import model
@@ -117,6 +118,10 @@ class L4ProxyProtocol:
     Not a subclass of L{twisted.internet.protocol.Protocol}, so that
     C{__slots__} really leaves out the per-instance C{__dict__}: this object
     lives as long as the connection.
+
+    Its timeouts (the handshake while sniffing, then idle) live on the
+    factory's L{DeadlineWheel}: activity only records a timestamp, and the
+    deadline is checked when its bucket comes due.
     """
 
     __slots__ = (
@@ -128,7 +133,7 @@ class L4ProxyProtocol:
         "_backend",
         "_pending",
         "_last",
-        "_idle_call",
+        "_bucket",
         "_downstream_lost",
         "_sniff",
         "_early",
@@ -151,7 +156,8 @@ class L4ProxyProtocol:
         self._backend = None
         self._pending: Deferred | None = None
         self._last = 0.0
-        self._idle_call = None
+        # The DeadlineWheel token of the timeout, while one is armed.
+        self._bucket = None
         self._downstream_lost = False
         # While sniffing: the ClientHello parser; then, until the upstream
         # is connected, the bytes it read; and whether the client already
@@ -187,9 +193,8 @@ class L4ProxyProtocol:
         if factory.router is not None:
             self._state = _State.SNIFFING
             self._sniff = ClientHelloParser()
-            self._idle_call = factory._reactor.callLater(
-                factory._sniff_timeout, self._sniff_timed_out
-            )
+            timeout = factory._sniff_timeout
+            self._bucket = factory._timers.add(self, self._started + timeout, timeout)
             return
         self._connect(factory.cluster)
 
@@ -200,8 +205,9 @@ class L4ProxyProtocol:
         factory = self._factory
         self._state = _State.CONNECTING
         self._cluster = cluster
-        if factory._idle > 0:
-            self._idle_call = factory._reactor.callLater(factory._idle, self._idle_check)
+        idle = factory._idle
+        if idle > 0:
+            self._bucket = factory._timers.add(self, factory._seconds() + idle, idle)
         pending = cluster.connect(factory._upstream_factory, log_context=factory._log_context)
         self._pending = pending
         pending.addCallbacks(self._upstream_connected, self._upstream_failed)
@@ -260,10 +266,8 @@ class L4ProxyProtocol:
         """Connect to the cluster the ClientHello asks for."""
         parser, self._sniff = self._sniff, None
         self._early = bytes(parser.buffered)
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
         factory = self._factory
+        self._disarm()
         server_name = decision.server_name if isinstance(decision, ClientHello) else None
         name = factory.router.route(server_name)
         if name is None:
@@ -282,7 +286,6 @@ class L4ProxyProtocol:
         self._connect(factory.clusters[name])
 
     def _sniff_timed_out(self) -> None:
-        self._idle_call = None
         self._route(NotTLS("no whole ClientHello within timeouts.handshake"))
 
     # The backend side, called by _UpstreamProtocol.
@@ -324,9 +327,8 @@ class L4ProxyProtocol:
         down.resumeProducing()
 
     def _start_splice(self, down, up, early: bytes) -> None:
-        # The idle timer stays ours (one timer per connection: a cancelled
-        # one lingers in the reactor's heap); _idle_check reads the relay's
-        # last activity.
+        # The idle timeout stays ours (on the factory's wheel); deadline_passed
+        # reads the relay's last activity.
         self._state = _State.SPLICING
         self._splice = splice.relay(
             down, up, self._factory._reactor, a_to_b=early, on_done=self._splice_done
@@ -401,20 +403,42 @@ class L4ProxyProtocol:
         self._reason = self._reason or "aborted (drain timeout)"
         self._close(abort=True)
 
-    def _idle_check(self) -> None:
-        # Activity only records a timestamp; the timer is re-armed here, at
-        # most once per idle period, instead of being reset for every chunk.
+    def deadline_passed(self) -> None:
+        """
+        The bucket of this connection's timeout came due (see
+        L{DeadlineWheel}): time the handshake out, or the idle period; or,
+        after activity, wait for the deadline it moved to.
+        """
         factory = self._factory
+        self._bucket = None
+        now = factory._seconds()
+        if self._state is _State.SNIFFING:
+            timeout = factory._sniff_timeout
+            deadline = self._started + timeout
+            if deadline > now:
+                self._bucket = factory._timers.add(self, deadline, timeout)
+            else:
+                self._sniff_timed_out()
+            return
+        idle = factory._idle
+        if idle <= 0:
+            # Switched off by a reload.
+            return
         last = self._last
         if self._splice is not None:
             last = max(last, self._splice.last_activity)
-        remaining = last + factory._idle - factory._seconds()
-        if remaining > 0:
-            self._idle_call = factory._reactor.callLater(remaining, self._idle_check)
+        deadline = last + idle
+        if deadline > now:
+            self._bucket = factory._timers.add(self, deadline, idle)
         else:
-            self._idle_call = None
             self._reason = self._reason or "idle timeout"
             self._close(abort=True)
+
+    def _disarm(self) -> None:
+        bucket = self._bucket
+        if bucket is not None:
+            self._bucket = None
+            self._factory._timers.discard(self, bucket)
 
     def _close(self, abort: bool = False) -> None:
         """
@@ -454,13 +478,10 @@ class L4ProxyProtocol:
     def _finish(self) -> None:
         if self._state is _State.CLOSED:
             return
-        # The idle timer stays armed until here so that a graceful close
+        # The idle timeout stays armed until here so that a graceful close
         # stuck on a peer that never reads is aborted in the end.
         self._state = _State.CLOSED
-        if self._idle_call is not None:
-            if self._idle_call.active():
-                self._idle_call.cancel()
-            self._idle_call = None
+        self._disarm()
         self._factory._closed(self)
 
     def _unexpected(self, reason: Failure) -> None:
@@ -582,6 +603,8 @@ class L4ProxyFactory(ServerFactory):
         self._reactor = reactor
         self._seconds = reactor.seconds
         self._idle = listener.timeouts.idle
+        # The handshake and idle timeouts of every connection.
+        self._timers = DeadlineWheel(reactor)
         self._sessions: set[L4ProxyProtocol] = set()
         self._drain_waiters: list[Deferred] = []
         self._upstream_factory = _UpstreamFactory()

@@ -122,28 +122,74 @@ def _take_over(transport) -> bytes:
     return queued
 
 
-class _Direction:
+class _End:
     """
-    One way of the tunnel: bytes read from C{src} go through a pipe (made on
-    first use, so that idle tunnels hold no pipe) into C{dst}.
+    One socket of the tunnel, and the direction that reads from it: the
+    reactor's C{IReadDescriptor} (readable means bytes for C{peer}) and
+    C{IWriteDescriptor} (writable means room for the bytes C{peer} read).
+    The bytes read go through a pipe (made on first use, so that idle
+    tunnels hold none) into C{peer}'s socket.
+
+    One object per socket, rather than one per socket and one per
+    direction: an idle tunnel is mostly these.
     """
 
-    __slots__ = ("src", "dst", "head", "pipe_r", "pipe_w", "chunk", "in_pipe", "eof", "finished")
+    __slots__ = (
+        "relay",
+        "transport",
+        "peer",
+        "reading",
+        "writing",
+        "head",
+        "pipe_r",
+        "pipe_w",
+        "chunk",
+        "in_pipe",
+        "eof",
+        "finished",
+    )
 
-    def __init__(self, src: _End, dst: _End, head: bytes):
-        self.src = src
-        self.dst = dst
-        #: Bytes to send to C{dst} before the pipe's.
+    def __init__(self, relay: SpliceRelay, transport, head: bytes):
+        self.relay = relay
+        self.transport = transport
+        self.peer: _End | None = None
+        self.reading = False
+        self.writing = False
+        #: Bytes to send to C{peer} before the pipe's.
         self.head = head
         self.pipe_r = -1
         self.pipe_w = -1
         self.chunk = 0
-        #: Bytes in the pipe, not yet spliced into C{dst}.
+        #: Bytes in the pipe, not yet spliced into C{peer}.
         self.in_pipe = 0
-        #: C{src} sent its EOF.
+        #: This socket sent its EOF.
         self.eof = False
-        #: The EOF was passed on (C{dst} shut down for writing).
+        #: The EOF was passed on (C{peer} shut down for writing).
         self.finished = False
+
+    def fileno(self) -> int:
+        return self.transport.fileno()
+
+    def logPrefix(self) -> str:
+        return "SpliceRelay"
+
+    def doRead(self) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay._read(self)
+
+    def doWrite(self) -> None:
+        relay = self.relay
+        if relay is not None:
+            relay._flush(self.peer)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor saw a hang-up or an error on this socket, or is
+        # shutting down (and reports every socket, this tunnel's other one
+        # included after the first has ended it).
+        relay = self.relay
+        if relay is not None:
+            relay._fail(reason)
 
     def open_pipe(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -160,41 +206,6 @@ class _Direction:
             os.close(self.pipe_r)
             os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
-
-
-class _End:
-    """
-    The reactor's view of one socket of the tunnel (an C{IReadDescriptor}
-    and C{IWriteDescriptor}): readable means bytes for the other side,
-    writable means room for the bytes pending from the other side.
-    """
-
-    __slots__ = ("relay", "transport", "fd", "outbound", "inbound", "reading", "writing")
-
-    def __init__(self, relay: SpliceRelay, transport):
-        self.relay = relay
-        self.transport = transport
-        self.fd = transport.fileno()
-        self.outbound: _Direction | None = None
-        self.inbound: _Direction | None = None
-        self.reading = False
-        self.writing = False
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def logPrefix(self) -> str:
-        return "SpliceRelay"
-
-    def doRead(self) -> None:
-        self.relay._read(self.outbound)
-
-    def doWrite(self) -> None:
-        self.relay._flush(self.inbound)
-
-    def connectionLost(self, reason: Failure) -> None:
-        # The reactor saw a hang-up or an error on this socket.
-        self.relay._fail(reason)
 
 
 class SpliceRelay:
@@ -215,8 +226,6 @@ class SpliceRelay:
         "b_to_a",
         "_a",
         "_b",
-        "_ab",
-        "_ba",
         "_reactor",
         "_idle",
         "_idle_call",
@@ -243,19 +252,18 @@ class SpliceRelay:
         self._closed = False
         head_b = _take_over(b) + a_to_b
         head_a = _take_over(a) + b_to_a
-        end_a, end_b = self._a, self._b = _End(self, a), _End(self, b)
-        self._ab = end_a.outbound = end_b.inbound = _Direction(end_a, end_b, head_b)
-        self._ba = end_b.outbound = end_a.inbound = _Direction(end_b, end_a, head_a)
+        end_a, end_b = self._a, self._b = _End(self, a, head_b), _End(self, b, head_a)
+        end_a.peer, end_b.peer = end_b, end_a
         self._idle = idle
         self._idle_call = None
         self.last_activity = reactor.seconds()
         if idle > 0:
             self._idle_call = reactor.callLater(idle, self._idle_check)
-        for d in (self._ab, self._ba):
+        for d in (end_a, end_b):
             if d.head:
                 self._flush(d)
             else:
-                self._start_reading(d.src)
+                self._start_reading(d)
 
     @property
     def done(self) -> Deferred:
@@ -300,13 +308,13 @@ class SpliceRelay:
 
     # Moving bytes.
 
-    def _read(self, d: _Direction) -> None:
+    def _read(self, d: _End) -> None:
         if self._closed:
             return
         if d.pipe_r < 0:
             d.open_pipe()
         try:
-            n = os.splice(d.src.fd, d.pipe_w, d.chunk, flags=_SPLICE_FLAGS)
+            n = os.splice(d.transport.socket.fileno(), d.pipe_w, d.chunk, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             return
         except OSError as e:
@@ -315,20 +323,20 @@ class SpliceRelay:
         self.last_activity = self._reactor.seconds()
         if n == 0:
             d.eof = True
-            self._stop_reading(d.src)
+            self._stop_reading(d)
         else:
             d.in_pipe = n
         self._flush(d)
 
-    def _flush(self, d: _Direction) -> None:
+    def _flush(self, d: _End) -> None:
         """
-        Send what C{d} holds (its head, then its pipe) into its destination;
-        wait for the destination to drain when it is full, read the source
-        again when everything went.
+        Send what C{d} read and holds (its head, then its pipe) into its
+        peer; wait for the peer to drain when it is full, read C{d} again
+        when everything went.
         """
         if self._closed:
             return
-        dst = d.dst
+        dst = d.peer
         try:
             if d.head:
                 sent = dst.transport.socket.send(d.head)
@@ -336,7 +344,7 @@ class SpliceRelay:
                 d.head = d.head[sent:]
             if not d.head:
                 while d.in_pipe:
-                    n = os.splice(d.pipe_r, dst.fd, d.in_pipe, flags=_SPLICE_FLAGS)
+                    n = os.splice(d.pipe_r, dst.fileno(), d.in_pipe, flags=_SPLICE_FLAGS)
                     d.in_pipe -= n
                     self._count(d, n)
         except BlockingIOError:
@@ -346,12 +354,12 @@ class SpliceRelay:
             return
         if d.head or d.in_pipe:
             # The destination is full: stop reading the source until it drains.
-            self._stop_reading(d.src)
+            self._stop_reading(d)
             self._start_writing(dst)
             return
         self._stop_writing(dst)
         if not d.eof:
-            self._start_reading(d.src)
+            self._start_reading(d)
         elif not d.finished:
             d.finished = True
             d.close_pipe()
@@ -361,11 +369,11 @@ class SpliceRelay:
                 if e.errno != errno.ENOTCONN:
                     self._fail(Failure(error.ConnectionLost(os.strerror(e.errno))))
                     return
-            if self._ab.finished and self._ba.finished:
+            if self._a.finished and self._b.finished:
                 self._end(None)
 
-    def _count(self, d: _Direction, n: int) -> None:
-        if d is self._ab:
+    def _count(self, d: _End, n: int) -> None:
+        if d is self._a:
             self.a_to_b += n
         else:
             self.b_to_a += n
@@ -405,16 +413,14 @@ class SpliceRelay:
         for end in (self._a, self._b):
             self._stop_reading(end)
             self._stop_writing(end)
-        self._ab.close_pipe()
-        self._ba.close_pipe()
         for end in (self._a, self._b):
+            end.close_pipe()
             # Break the cycles now rather than in the garbage collector.
-            end.relay = end.outbound = end.inbound = None
+            end.relay = end.peer = None
             if reason is None:
                 end.transport.loseConnection()
             else:
                 end.transport.abortConnection()
-        self._ab.src = self._ab.dst = self._ba.src = self._ba.dst = None
         self._result = reason
         if self._on_done is not None:
             on_done, self._on_done = self._on_done, None

@@ -7,9 +7,13 @@ Written here rather than with the OpenTelemetry SDK, whose span objects,
 context variables and processors cost tens of microseconds per request:
 what Balance needs is small.  A request's C{traceparent} (and
 C{tracestate}) is parsed; an invalid one is ignored and a new trace
-starts.  The request gets a span of its own, a child of the client's, and
-the backend receives a C{traceparent} naming that span as its parent (the
-C{tracestate} passed on as received).  Sampling is decided at the head: a
+starts.  The request gets a server span of its own, a child of the
+client's, and each try of it upstream a client span, a child of the server
+span (as Envoy's upstream spans): the backend receives a C{traceparent}
+naming its try's span as its parent (the C{tracestate} passed on as
+received), so that retries show as sibling spans.  Requests that are not
+recorded (not sampled, or no exporter) make no client spans: the backend
+sees the server span as its parent.  Sampling is decided at the head: a
 request with a valid parent follows the parent's sampled flag; one without
 is sampled with probability C{sample_ratio}, decided from its trace id (as
 OpenTelemetry's C{TraceIdRatioBased}, so every proxy in a fleet agrees).
@@ -38,6 +42,7 @@ from zope.interface import implementer
 __all__ = [
     "OTLPExporter",
     "Span",
+    "TrySpan",
     "Tracer",
     "encode_spans",
     "parse_traceparent",
@@ -53,6 +58,7 @@ _MAX_TRACESTATE = 512
 
 #: OTLP span kinds and status codes (opentelemetry-proto trace.proto).
 SPAN_KIND_SERVER = 2
+SPAN_KIND_CLIENT = 3
 STATUS_UNSET = 0
 STATUS_ERROR = 2
 
@@ -116,11 +122,44 @@ class Span:
     :ivar start: wall-clock start, in seconds.
     :ivar carried: the request had C{traceparent} or C{tracestate} fields
         (to be removed before it goes upstream).
+    :ivar recording: sampled, and there is an exporter: the spans are kept.
+    :ivar try_id: the client span id of the try in flight upstream, or
+        L{None} (none yet, or not recording).
+    :ivar try_start: when that try started; C{try_end} when it ended (0
+        while it goes on); C{try_status} the status of its response head
+        (0 before one came).
+    :ivar tries: the tries made so far.
     """
 
-    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "tracestate", "start", "carried")
+    __slots__ = (
+        "trace_id",
+        "span_id",
+        "parent_id",
+        "sampled",
+        "tracestate",
+        "start",
+        "carried",
+        "recording",
+        "try_id",
+        "try_start",
+        "try_end",
+        "try_status",
+        "tries",
+    )
 
-    def __init__(self, trace_id, span_id, parent_id, sampled, tracestate, start, carried=False):
+    kind = SPAN_KIND_SERVER
+
+    def __init__(
+        self,
+        trace_id,
+        span_id,
+        parent_id,
+        sampled,
+        tracestate,
+        start,
+        carried=False,
+        recording=False,
+    ):
         self.trace_id = trace_id
         self.span_id = span_id
         self.parent_id = parent_id
@@ -128,17 +167,51 @@ class Span:
         self.tracestate = tracestate
         self.start = start
         self.carried = carried
+        self.recording = recording
+        self.try_id = None
+        self.try_start = 0.0
+        self.try_end = 0.0
+        self.try_status = 0
+        self.tries = 0
+
+    def _traceparent(self) -> bytes:
+        return b"00-%s-%s-%s" % (
+            self.trace_id,
+            self.try_id or self.span_id,
+            b"01" if self.sampled else b"00",
+        )
 
     def headers(self) -> bytes:
         """The propagation header lines for the backend, each ending in CRLF."""
-        line = b"traceparent: 00-%s-%s-%s\r\n" % (
-            self.trace_id,
-            self.span_id,
-            b"01" if self.sampled else b"00",
-        )
+        line = b"traceparent: " + self._traceparent() + b"\r\n"
         if self.tracestate is not None:
             line += b"tracestate: " + self.tracestate + b"\r\n"
         return line
+
+    def fields(self) -> list:
+        """The propagation fields for an HTTP/2 backend."""
+        fields = [(b"traceparent", self._traceparent())]
+        if self.tracestate is not None:
+            fields.append((b"tracestate", self.tracestate))
+        return fields
+
+
+class TrySpan:
+    """
+    The client span of one try upstream, as exported: the same fields as
+    L{Span} that L{encode_spans} reads.
+    """
+
+    __slots__ = ("trace_id", "span_id", "parent_id", "tracestate", "start")
+
+    kind = SPAN_KIND_CLIENT
+
+    def __init__(self, span: Span):
+        self.trace_id = span.trace_id
+        self.span_id = span.try_id
+        self.parent_id = span.span_id
+        self.tracestate = span.tracestate
+        self.start = span.try_start
 
 
 class Tracer:
@@ -195,8 +268,33 @@ class Tracer:
             # A tracestate without a valid traceparent means nothing.
             tracestate = None
         return Span(
-            trace_id, self._new_id(64), parent_id, sampled, tracestate, self._clock(), carried
+            trace_id,
+            self._new_id(64),
+            parent_id,
+            sampled,
+            tracestate,
+            self._clock(),
+            carried,
+            sampled and self.exporter is not None,
         )
+
+    def begin_try(self, span: Span) -> None:
+        """A try of a recording C{span}'s request starts upstream: a new client span."""
+        span.try_id = self._new_id(64)
+        span.try_start = self._clock()
+        span.try_end = 0.0
+        span.try_status = 0
+        span.tries += 1
+
+    def try_ended(self, span: Span) -> None:
+        """The try in flight ended (its span is exported later, with what is known then)."""
+        span.try_end = self._clock()
+
+    def end_try(self, span: Span, attributes: dict, error: str | None) -> None:
+        """Export the client span of C{span}'s last try."""
+        end = span.try_end or self._clock()
+        self.exporter.add((TrySpan(span), end, attributes, error))
+        span.try_id = None
 
     def end(self, span: Span, attributes: dict, error: str | None) -> None:
         """
@@ -242,10 +340,13 @@ def encode_spans(records, service_name: str, scope_version: str = "") -> bytes:
         item = {
             "traceId": span.trace_id.decode("ascii"),
             "spanId": span.span_id.decode("ascii"),
-            "name": attributes.get("http.route")
+            # HTTP semantic conventions: "{method} {route}" for servers,
+            # "{method}" for clients.
+            "name": span.kind == SPAN_KIND_SERVER
+            and attributes.get("http.route")
             and "%s %s" % (attributes.get("http.request.method", "HTTP"), attributes["http.route"])
             or attributes.get("http.request.method", "HTTP"),
-            "kind": SPAN_KIND_SERVER,
+            "kind": span.kind,
             "startTimeUnixNano": _nanos(span.start),
             "endTimeUnixNano": _nanos(end),
             "attributes": [{"key": k, "value": _value(v)} for k, v in attributes.items()],

@@ -14,6 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from balance.cluster.backend import Backend, client_endpoint
+from balance.cluster.endpoint import LeanTCP4ClientEndpoint, LeanTCP6ClientEndpoint
 from balance.config import model
 
 
@@ -73,6 +74,8 @@ class BackendTests(SynchronousTestCase):
         HostnameEndpoint, which resolves without blocking.
         """
         r = self.reactor
+        self.assertIsInstance(client_endpoint(r, "10.1.2.3", 80, 1), LeanTCP4ClientEndpoint)
+        self.assertIsInstance(client_endpoint(r, "::1", 80, 1), LeanTCP6ClientEndpoint)
         self.assertIsInstance(client_endpoint(r, "10.1.2.3", 80, 1), TCP4ClientEndpoint)
         self.assertIsInstance(client_endpoint(r, "::1", 80, 1), TCP6ClientEndpoint)
         self.assertIsInstance(client_endpoint(r, "fe80::1%lo", 80, 1), TCP6ClientEndpoint)

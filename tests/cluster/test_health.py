@@ -23,6 +23,8 @@ from balance.cluster.health import (
     HealthState,
     Transition,
     describe,
+    grpc_health_request,
+    grpc_serving_status,
     http_request,
 )
 from balance.config import model
@@ -807,3 +809,37 @@ class DescribeTests(SynchronousTestCase):
         ]
         for exc, expected in cases:
             self.assertEqual(describe(Failure(exc)), expected)
+
+
+class GRPCMessageTests(SynchronousTestCase):
+    """
+    The hand-written protobuf of the gRPC health check, against the
+    protobuf library's own encoding of messages of the same shape
+    (C{StringValue} and C{UInt32Value} have one field numbered 1, as
+    C{HealthCheckRequest.service} and C{HealthCheckResponse.status}).
+    """
+
+    def test_request(self):
+        from google.protobuf import wrappers_pb2
+
+        for service in ("", "foo", "grpc.health.v1.Health", "x" * 200, "é" * 70_000):
+            message = wrappers_pb2.StringValue(value=service).SerializeToString()
+            self.assertEqual(
+                grpc_health_request(service), b"\x00" + len(message).to_bytes(4, "big") + message
+            )
+
+    def test_status(self):
+        from google.protobuf import wrappers_pb2
+
+        for status in (0, 1, 2, 3, 300):
+            message = wrappers_pb2.UInt32Value(value=status).SerializeToString()
+            self.assertEqual(grpc_serving_status(message), status)
+
+    def test_unknown_fields_skipped(self):
+        self.assertEqual(
+            grpc_serving_status(b"\x12\x02ab\x08\x02\x1d\x00\x00\x00\x00\x21" + b"\0" * 8), 2
+        )
+
+    def test_malformed(self):
+        for message in (b"\x08", b"\x08\x80", b"\x12\x05ab", b"\x0b", b"\x1d\x00"):
+            self.assertRaises(ValueError, grpc_serving_status, message)

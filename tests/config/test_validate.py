@@ -458,3 +458,44 @@ class ErrorTests(unittest.TestCase):
         e = self.assertRaises(ConfigError, load_config, path)
         [error] = e.errors
         self.assertTrue(error.startswith(f"{path}:2: invalid YAML: "), error)
+
+
+class HealthCheckTypeTests(unittest.TestCase):
+    """C{type: grpc} needs an HTTP/2 cluster; C{service} belongs to it."""
+
+    def errors(self, cluster: str) -> list[str]:
+        text = (
+            "listeners:\n"
+            "  - {name: web, listen: 'tcp:8080', cluster: app}\n"
+            "clusters:\n"
+            "  - name: app\n"
+            "    backends: ['127.0.0.1:9000']\n" + cluster
+        )
+        try:
+            validate(load_text(text, "t.yaml"), "t.yaml")
+        except ConfigError as e:
+            return e.errors
+        return []
+
+    def test_grpc(self):
+        self.assertEqual(
+            self.errors("    upstream_protocol: h2\n    health_check: {type: grpc, service: a.B}\n"), []
+        )
+
+    def test_grpc_needs_h2(self):
+        self.assertEqual(
+            self.errors("    health_check:\n      type: grpc\n"),
+            [
+                "t.yaml:7: clusters[0].health_check.type: grpc checks speak HTTP/2: "
+                "the cluster needs upstream_protocol: h2"
+            ],
+        )
+
+    def test_service_needs_grpc(self):
+        self.assertEqual(
+            self.errors("    health_check: {type: http, service: a.B}\n"),
+            [
+                "t.yaml:6: clusters[0].health_check.service: only grpc checks name a "
+                "service, this one is type http"
+            ],
+        )

@@ -355,6 +355,23 @@ class RequestTests(H2TestCase):
         self.assertIsNone(request.header(b"transfer-encoding"))
         self.assertEqual(request.body, b"hello")
 
+    def test_repeated_heads_each_their_own(self):
+        """
+        Requests with the same head (one header block, decoded and checked
+        once) each get their own fields: what one request's Exchange adds
+        (its content-length) is not in the next one's.
+        """
+        bodies = [b"a", b"bb", b"ccc", b"dddd"]
+        for body in bodies:
+            self.client.request(b"/up", method=b"POST", body=body)
+            self.proxy.run()
+        requests = [r for conn in self.proxy.backend().connections for r in conn.requests()]
+        self.assertEqual([r.body for r in requests], bodies)
+        self.assertEqual(
+            [r.header_values(b"content-length") for r in requests],
+            [[b"%d" % len(body)] for body in bodies],
+        )
+
     def test_post_streamed_without_length(self):
         """A body still coming when the request starts goes up chunked."""
         sid = self.client.request(b"/up", method=b"POST", body=b"abc", end=False)
@@ -473,10 +490,14 @@ class RequestTests(H2TestCase):
         self.assertTrue(value.startswith(b"00-" + trace + b"-"), value)
         self.assertNotIn(b"00f067aa0ba902b7", value)
         self.answer()
-        [(span, _, attributes, error)] = spans
+        [(client, _, _, client_error), (span, _, attributes, error)] = spans
         self.assertEqual(span.trace_id, trace)
         self.assertEqual(attributes["network.protocol.version"], "2")
         self.assertIsNone(error)
+        # The backend's parent is the client span of its try.
+        self.assertEqual((client.parent_id, client.kind), (span.span_id, 3))
+        self.assertEqual(value, b"00-%s-%s-01" % (trace, client.span_id))
+        self.assertIsNone(client_error)
 
     def test_access_log_protocol(self):
         """HTTP/2 requests are logged as HTTP/2.0, in both formats."""

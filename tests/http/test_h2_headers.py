@@ -11,6 +11,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from balance.http.h2_headers import (
     RequestError,
+    grpc_local_fields,
+    grpc_status,
+    grpc_timeout,
+    is_grpc,
     local_fields,
     read_request,
     response_fields,
@@ -252,3 +256,69 @@ class ResponseFieldsTests(SynchronousTestCase):
             fields, [(b":status", b"301"), (b"location", b"/x"), (b"content-length", b"3")]
         )
         self.assertEqual(body, b"abc")
+
+
+class GRPCTests(SynchronousTestCase):
+    """grpc-timeout in, gRPC statuses out."""
+
+    def test_grpc_timeout(self):
+        for value, seconds in (
+            (b"1H", 3600.0),
+            (b"2M", 120.0),
+            (b"30S", 30.0),
+            (b"250m", 0.25),
+            (b"99999999u", 99.999999),
+            (b"5n", 5e-9),
+        ):
+            self.assertAlmostEqual(grpc_timeout(value), seconds)
+        for value in (b"", b"S", b"1", b"1s", b"123456789S", b"-1S", b"1 S", b"1.5S", b"\xff"):
+            e = self.assertRaises(RequestError, grpc_timeout, value)
+            self.assertEqual(e.status, 400)
+
+    def test_read_request(self):
+        """grpc-timeout is read into the exchange and still sent on."""
+        ex, _ = request(_BASE + [(b":path", b"/svc/M"), (b"grpc-timeout", b"100m")])
+        self.assertAlmostEqual(ex.grpc_timeout, 0.1)
+        self.assertIn((b"grpc-timeout", b"100m"), ex.headers)
+        ex, _ = request(_BASE + [(b":path", b"/")])
+        self.assertEqual(ex.grpc_timeout, 0.0)
+
+    def test_is_grpc(self):
+        for content_type, expected in (
+            (b"application/grpc", True),
+            (b"application/grpc+proto", True),
+            (b"Application/GRPC", True),
+            (b"application/grpc-web", True),
+            (b"application/json", False),
+        ):
+            ex, _ = request(_BASE + [(b":path", b"/"), (b"content-type", content_type)])
+            self.assertEqual(is_grpc(ex), expected, content_type)
+        ex, _ = request(_BASE + [(b":path", b"/")])
+        self.assertFalse(is_grpc(ex))
+        self.assertFalse(is_grpc(Exchange(None)))
+
+    def test_status(self):
+        """The gRPC mapping, and what the proxy knows better."""
+        self.assertEqual(grpc_status(503, "no eligible backend"), 14)
+        self.assertEqual(grpc_status(502, "127.0.0.1:1: connection refused"), 14)
+        self.assertEqual(grpc_status(504, "connect timeout"), 14)
+        self.assertEqual(grpc_status(504, "127.0.0.1:1: connect timeout (per_try_timeout)"), 14)
+        self.assertEqual(grpc_status(504, "timeout waiting for 127.0.0.1:1"), 4)
+        self.assertEqual(grpc_status(429, "rate limited"), 8)
+        self.assertEqual(grpc_status(403, "denied"), 7)
+        self.assertEqual(grpc_status(404, "no route"), 12)
+        self.assertEqual(grpc_status(418, "teapot"), 2)
+
+    def test_local_fields(self):
+        """Trailers-Only: 200, the gRPC status, the reason percent-encoded, extra fields."""
+        self.assertEqual(
+            grpc_local_fields(429, "rate limited 100%, é", b"Retry-After: 1\r\nRateLimit: x\r\n"),
+            [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", b"8"),
+                (b"grpc-message", b"rate limited 100%25, %C3%A9"),
+                (b"retry-after", b"1"),
+                (b"ratelimit", b"x"),
+            ],
+        )

@@ -5,6 +5,7 @@ of its own: no generated code, generic handlers with bytes in and out.
     python grpc_peer.py server          # prints its port, serves until killed
     python grpc_peer.py client TARGET   # runs the calls, prints JSON results
     python grpc_peer.py drain TARGET    # a call in flight across a drain
+    python grpc_peer.py status TARGET   # one unary call: its code and details
 
 Methods of the service C{test.Echo}:
 
@@ -12,6 +13,11 @@ Methods of the service C{test.Echo}:
     with NOT_FOUND and details C{"no such thing"};
   - C{Stream}: server streaming, C{N} messages C{b"item-I"} for a request
     C{b"N"}.
+
+and C{grpc.health.v1.Health/Check} (serialized protobuf, written by hand):
+the server (service C{""}) and C{test.Echo} are C{SERVING}, C{broken} is
+C{NOT_SERVING}, any other service fails with NOT_FOUND, as grpcio's own
+health servicer answers.
 """
 
 from __future__ import annotations
@@ -44,6 +50,19 @@ def serve() -> None:
                 time.sleep(0.3)
             yield b"item-%d" % i
 
+    def check(request: bytes, context) -> bytes:
+        # HealthCheckRequest: field 1 (service), a short string, or nothing.
+        service = request[2:].decode() if request[:1] == b"\x0a" else ""
+        if service in ("", "test.Echo"):
+            return b"\x08\x01"  # SERVING
+        if service == "broken":
+            return b"\x08\x02"  # NOT_SERVING
+        context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+
+    health = grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health",
+        {"Check": grpc.unary_unary_rpc_method_handler(check, _identity, _identity)},
+    )
     handler = grpc.method_handlers_generic_handler(
         "test.Echo",
         {
@@ -52,7 +71,7 @@ def serve() -> None:
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((handler, health))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
@@ -103,9 +122,25 @@ def drain_client(target: str) -> None:
     print(json.dumps(results), flush=True)
 
 
+def status(target: str) -> None:
+    """One unary call (no deadline of the client's own): its status as JSON."""
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        unary = channel.unary_unary("/test.Echo/Unary", _identity, _identity)
+        try:
+            unary(b"hello")
+        except grpc.RpcError as e:
+            print(json.dumps({"code": e.code().name, "details": e.details()}), flush=True)
+        else:
+            print(json.dumps({"code": "OK", "details": ""}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve()
+    elif sys.argv[1] == "status":
+        status(sys.argv[2])
     elif sys.argv[1] == "drain":
         drain_client(sys.argv[2])
     else:

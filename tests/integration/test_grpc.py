@@ -19,7 +19,10 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest
 
+from tests.h2peer import H2Backend
+from tests.helpers import closed_port, connect_client, wait_for
 from tests.integration.test_h2 import H2TestCase
+from tests.integration.test_h2_upstream import _H2Client
 
 _PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpc_peer.py")
 
@@ -69,22 +72,30 @@ class _Server(ProcessProtocol):
         self.ended.callback(None)
 
 
+async def grpc_server(testcase) -> int:
+    """
+    Start the gRPC server process of L{tests.integration.grpc_peer} for
+    C{testcase} (stopped by its PID at the end); its port.
+    """
+    _need_grpc()
+    server = _Server()
+    process = reactor.spawnProcess(
+        server, sys.executable, [sys.executable, _PEER, "server"], env=os.environ
+    )
+
+    async def stop():
+        # By its PID, then wait for it to be gone.
+        if process.pid is not None:
+            process.signalProcess("KILL")
+        await server.ended
+
+    testcase.addCleanup(stop)
+    return await server.port
+
+
 class GRPCTests(H2TestCase):
     async def setUp(self):
-        _need_grpc()
-        server = _Server()
-        process = reactor.spawnProcess(
-            server, sys.executable, [sys.executable, _PEER, "server"], env=os.environ
-        )
-
-        async def stop():
-            # By its PID, then wait for it to be gone.
-            if process.pid is not None:
-                process.signalProcess("KILL")
-            await server.ended
-
-        self.addCleanup(stop)
-        port = await server.port
+        port = await grpc_server(self)
         self.port = self.start_balance(
             f"""
             listeners:
@@ -141,3 +152,118 @@ class GRPCTests(H2TestCase):
         self.assertEqual(results["after"], "niaga")
         self.assertEqual(context.listener_metrics.connections_total, 2)
         self.assertNotIn(conn, context.connections)
+
+
+class GRPCLocalReplyTests(H2TestCase):
+    """
+    What Balance answers a gRPC call itself is a gRPC status (Trailers-Only,
+    as Envoy sends), and a call's grpc-timeout bounds the route's timeout.
+    """
+
+    async def test_unavailable(self):
+        """No backend takes the call: the client sees UNAVAILABLE and why."""
+        _need_grpc()
+        dead = closed_port()
+        port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                cluster: grpc
+            clusters:
+              - name: grpc
+                upstream_protocol: h2
+                backends: ["127.0.0.1:{dead}"]
+            """
+        )
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable,
+            [_PEER, "status", f"127.0.0.1:{port}"],
+            env=os.environ,
+            reactor=reactor,
+        )
+        self.assertEqual(code, 0, err.decode("utf-8", "replace"))
+        self.assertEqual(
+            json.loads(out),
+            {"code": "UNAVAILABLE", "details": f"127.0.0.1:{dead}: connection refused"},
+        )
+
+    async def test_grpc_timeout(self):
+        """
+        A call whose grpc-timeout passes while the backend holds it is
+        answered DEADLINE_EXCEEDED by Balance, long before the route's
+        timeout; the backend saw the grpc-timeout too.
+        """
+        backend = H2Backend()
+        backend_port = backend.listen(self)
+        port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                routes:
+                  - {{match: {{path_prefix: /}}, cluster: grpc, timeout: 60s}}
+            clusters:
+              - name: grpc
+                upstream_protocol: h2
+                backends: ["127.0.0.1:{backend_port}"]
+            """
+        )
+        client = _H2Client(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":authority", b"grpc.test"),
+                (b":path", b"/hold"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"grpc-timeout", b"300m"),
+            ],
+            b"\0\0\0\0\0",
+            None,
+        )
+        started = reactor.seconds()
+        await connect_client(port, client)
+        await wait_for(lambda: client.done, 20, "the answer")
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertEqual(client.headers[b":status"], b"200")
+        self.assertEqual(client.headers[b"grpc-status"], b"4")
+        self.assertIn(b"timeout", client.headers[b"grpc-message"])
+        self.assertEqual(client.body, b"")
+        self.assertEqual(backend.requests[0][b"grpc-timeout"], b"300m")
+
+    async def test_bad_grpc_timeout(self):
+        """
+        A malformed grpc-timeout makes a malformed request: 400 (which gRPC
+        clients read as INTERNAL), never forwarded.
+        """
+        backend = H2Backend()
+        backend_port = backend.listen(self)
+        port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                cluster: grpc
+            clusters:
+              - name: grpc
+                upstream_protocol: h2
+                backends: ["127.0.0.1:{backend_port}"]
+            """
+        )
+        client = _H2Client(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":authority", b"grpc.test"),
+                (b":path", b"/x"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-timeout", b"1 S"),
+            ],
+            b"\0\0\0\0\0",
+            None,
+        )
+        await connect_client(port, client)
+        await wait_for(lambda: client.done, 20, "the answer")
+        self.assertEqual(client.headers[b":status"], b"400")
+        self.assertEqual(backend.requests, [])

@@ -70,8 +70,9 @@ class _H2Client(Protocol):
         headers, body, trailers = self.request
         self.h2.initiate_connection()
         self.h2.send_headers(1, headers)
-        self.h2.send_data(1, body)
-        self.h2.send_headers(1, trailers, end_stream=True)
+        self.h2.send_data(1, body, end_stream=trailers is None)
+        if trailers is not None:
+            self.h2.send_headers(1, trailers, end_stream=True)
         self.transport.write(self.h2.data_to_send())
 
     def dataReceived(self, data):
@@ -379,6 +380,72 @@ class TLSBackendTests(H2UpstreamTestCase):
         self.assertEqual(await self.get("/tls"), (200, b"ok"))
         self.assertEqual(self.negotiated, [[b"h2"]])
         self.assertEqual(self.backend.requests[0][b":scheme"], b"https")
+
+
+    async def test_health_check(self):
+        """
+        An http health check of the cluster goes as an HTTP/2 stream over
+        the cluster's TLS (ALPN h2, C{:scheme https}).
+        """
+        from balance.cluster.health import Health, HealthChecker
+        from balance.config import model
+
+        cluster = self.service.cluster_services.getServiceNamed("cluster:h2").cluster
+        [backend] = cluster.backends
+        checker = HealthChecker(
+            "h2",
+            [backend],
+            model.HealthCheck(type="http", path="/hc", interval=0.1, healthy_threshold=1),
+            reactor,
+            upstream_protocol="h2",
+            scheme="https",
+        )
+        checker.start()
+        self.addCleanup(checker.stop)
+        await wait_for(lambda: checker.state(backend) is Health.UP, what="the backend UP")
+        probe = next(r for r in self.backend.requests if r[b":path"] == b"/hc")
+        self.assertEqual(probe[b":scheme"], b"https")
+        self.assertEqual(self.negotiated[-1], [b"h2"])
+
+
+
+class TraceContextTests(H2TestCase):
+    """An HTTP/2 backend gets the trace context, as an HTTP/1.1 one does."""
+
+    async def test_traceparent(self):
+        backend = H2Backend()
+        port = backend.listen(self)
+        self.port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                cluster: h2
+            clusters:
+              - name: h2
+                upstream_protocol: h2
+                backends: ["127.0.0.1:{port}"]
+            tracing: {{sample_ratio: 0}}
+            """
+        )
+        trace = b"4bf92f3577b34da6a3ce929d0e0e4736"
+        response = await Agent(reactor).request(
+            b"GET",
+            b"http://127.0.0.1:%d/x" % self.port,
+            Headers(
+                {
+                    b"traceparent": [b"00-" + trace + b"-00f067aa0ba902b7-01"],
+                    b"tracestate": [b"k=v"],
+                }
+            ),
+        )
+        self.assertEqual((response.code, await readBody(response)), (200, b"ok"))
+        [request] = backend.requests
+        value = request[b"traceparent"]
+        self.assertTrue(value.startswith(b"00-" + trace + b"-"), value)
+        self.assertTrue(value.endswith(b"-01"), value)
+        self.assertNotIn(b"00f067aa0ba902b7", value)
+        self.assertEqual(request[b"tracestate"], b"k=v")
 
 
 del SSL

@@ -17,6 +17,8 @@ from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.integration import twistd
 
@@ -190,3 +192,212 @@ class WorkersTests(unittest.TestCase):
         self.assertEqual(code, 0, proc.output)
         for pid in (new_pids[0], pids[1]):
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+
+
+LISTENER_CONFIG = """\
+workers: 2
+drain_timeout: 20s
+admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}
+listeners:
+  - name: web
+    listen: "tcp:{port}:interface=127.0.0.1"
+    routes:
+      - match: {{path: /hold}}
+        cluster: held
+      - match: {{path_prefix: /}}
+        cluster: app
+{more}clusters:
+  - name: app
+    backends: ["127.0.0.1:{upstream}"]
+  - name: held
+    backends: ["127.0.0.1:{held}"]
+whoami:
+  - {{name: alpha, listen: "tcp:{upstream}:interface=127.0.0.1"}}
+"""
+
+MORE = """\
+  - name: more
+    listen: "tcp:{more_port}:interface=127.0.0.1"
+    cluster: app
+"""
+
+
+class Held(Resource):
+    """Holds every request until L{release}."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = []
+
+    def render_GET(self, request):
+        self.waiting.append(request)
+        return NOT_DONE_YET
+
+    def release(self):
+        waiting, self.waiting = self.waiting, []
+        for request in waiting:
+            request.write(b"held and answered")
+            request.finish()
+
+
+class ListenerReloadTests(unittest.TestCase):
+    """A reload that adds a listener in worker mode replaces the workers."""
+
+    def setUp(self):
+        self.held = Held()
+        site = Site(self.held)
+        site.log = lambda request: None
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.ports = {n: twistd.free_port() for n in ("admin", "port", "upstream", "more_port")}
+        self.ports["held"] = port.getHost().port
+        self.path = os.path.abspath(self.mktemp() + ".yaml")
+        self.write("")
+
+    def write(self, more: str) -> None:
+        with open(self.path, "w") as f:
+            f.write(LISTENER_CONFIG.format(more=more.format(**self.ports), **self.ports))
+
+    def url(self, path: str, name: str = "port") -> str:
+        return "http://127.0.0.1:%d%s" % (self.ports[name], path)
+
+    @inlineCallbacks
+    def pids(self):
+        code, body = yield get(self.url("/stats", "admin"))
+        return {w["index"]: w["pid"] for w in json.loads(body)["workers"] if w["ready"]}
+
+    @inlineCallbacks
+    def test_add_listener(self):
+        """
+        The new listener serves after the reload; a request in flight on
+        a replaced worker finishes; the old workers exit; every request
+        sent meanwhile is answered.
+        """
+        proc = yield twistd.start(self, self.path, self.ports["port"])
+
+        @inlineCallbacks
+        def ready():
+            try:
+                pids = yield self.pids()
+            except ConnectError:
+                return False
+            return len(pids) == 2
+
+        yield until(ready, 30, "workers ready")
+        old = yield self.pids()
+        in_flight = get(self.url("/hold"))
+        yield twistd.wait_for(lambda: self.held.waiting, 10, "the held request")
+        self.assertFalse(twistd.port_open(self.ports["more_port"]))
+
+        self.write(MORE)
+        proc.signal("HUP")
+        results = []
+
+        @inlineCallbacks
+        def replaced():
+            # Traffic keeps flowing on the old listener all along.
+            status, _ = yield get(self.url("/"))
+            results.append(status)
+            pids = yield self.pids()
+            return len(pids) == 2 and not set(pids.values()) & set(old.values())
+
+        yield until(replaced, 60, "the new generation of workers")
+        status, body = yield get(self.url("/", "more_port"))
+        self.assertEqual(status, 200)
+        self.assertIn(b"Name: alpha", body)
+        # The replaced worker still drains the request it had.
+        self.held.release()
+        status, body = yield in_flight
+        self.assertEqual((status, body), (200, b"held and answered"))
+        self.assertEqual(set(results), {200})
+
+        @inlineCallbacks
+        def gone():
+            yield None
+            return not any(_alive(pid) for pid in old.values())
+
+        yield until(gone, 30, "the replaced workers to exit")
+        self.assertIn("starting generation 1 of 2 workers", proc.output)
+        proc.signal("TERM")
+        code = yield proc.ended
+        self.assertEqual(code, 0, proc.output)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+RATE_CONFIG = """\
+workers: 2
+admin: {{listen: "tcp:{admin}:interface=127.0.0.1"}}
+listeners:
+  - name: web
+    listen: "tcp:{port}:interface=127.0.0.1"
+    routes:
+      - match: {{path_prefix: /}}
+        cluster: app
+        rate_limit: {{requests: 30, per: 1m, burst: 30, key: route}}
+clusters:
+  - name: app
+    backends: ["127.0.0.1:{upstream}"]
+whoami:
+  - {{name: alpha, listen: "tcp:{upstream}:interface=127.0.0.1"}}
+"""
+
+
+class SharedRateLimitTests(unittest.TestCase):
+    """The workers of a group share local rate limits."""
+
+    @inlineCallbacks
+    def test_shared_limit(self):
+        """
+        A limit of 30 a minute lets 30 requests through the group, however
+        the kernel spreads the connections over the two workers (each
+        with a bucket of its own would let 60 through).
+        """
+        ports = {n: twistd.free_port() for n in ("admin", "port", "upstream")}
+        path = os.path.abspath(self.mktemp() + ".yaml")
+        with open(path, "w") as f:
+            f.write(RATE_CONFIG.format(**ports))
+        proc = yield twistd.start(self, path, ports["port"])
+        admin = "http://127.0.0.1:%d" % ports["admin"]
+
+        @inlineCallbacks
+        def ready():
+            try:
+                code, _ = yield get(admin + "/ready")
+            except ConnectError:
+                return False
+            return code == 200
+
+        yield until(ready, 30, "workers ready")
+        started = reactor.seconds()
+        codes = []
+        served = {}
+
+        @inlineCallbacks
+        def both_served():
+            results = yield DeferredList(
+                [get("http://127.0.0.1:%d/" % ports["port"]) for _ in range(20)],
+                consumeErrors=True,
+            )
+            codes.extend(r[0] if ok else None for ok, r in results)
+            _, metrics = yield get(admin + "/metrics")
+            served.update(samples(metrics, "balance_http_requests_total"))
+            return len(served) == 2 and len(codes) >= 60
+
+        yield until(both_served, 60, "both workers to serve")
+        elapsed = reactor.seconds() - started
+        self.assertEqual(set(codes), {200, 429}, codes)
+        # 30 in the burst, plus what refilled meanwhile (one per 2 s).
+        self.assertGreaterEqual(codes.count(200), 30)
+        self.assertLessEqual(codes.count(200), 30 + int(elapsed / 2) + 1, (elapsed, codes))
+        proc.signal("TERM")
+        code = yield proc.ended
+        self.assertEqual(code, 0, proc.output)

@@ -109,13 +109,16 @@ def run(*args: str) -> Deferred:
     return collector.ended.addCallback(done)
 
 
-def start(test, config_path: str, port: int, timeout: float = 20.0, env=None) -> Deferred:
+def start(
+    test, config_path: str, port: int, timeout: float = 20.0, env=None, twistd_args=()
+) -> Deferred:
     """
     Start C{twistd -n balance --config config_path} and wait until it
     accepts connections on C{port}.  The process is killed at the end of
     C{test} if it is still running.
 
     :param env: extra environment variables for it.
+    :param twistd_args: options of twistd itself (before C{balance}).
 
     :return: a Deferred firing with a L{BalanceProcess}.
     """
@@ -123,7 +126,7 @@ def start(test, config_path: str, port: int, timeout: float = 20.0, env=None) ->
     transport = reactor.spawnProcess(
         collector,
         sys.executable,
-        twistd_argv("-n", "--pidfile=", "balance", "--config", config_path),
+        twistd_argv("-n", "--pidfile=", *twistd_args, "balance", "--config", config_path),
         env=dict(child_env(), **(env or {})),
         path=ROOT,
     )

@@ -404,6 +404,34 @@ class CloseTests(ProxyTestCase):
         yield wait_for(lambda: self.factory.active == 0)
 
     @inlineCallbacks
+    def test_idle_timeout_after_activity(self):
+        """
+        Bytes push the idle deadline back: a connection that echoes a byte
+        every half timeout stays open well past the timeout; once quiet, it
+        is closed no earlier than the timeout after its last byte, and not
+        much later (deadlines are checked in buckets of 1/16 of it).
+        """
+        idle = 0.4
+        self.start_proxy([EchoFactory()], idle=idle)
+        client = self.client(b"", half_close=False, expected=b"x" * 4)
+        yield client.ready
+        started = reactor.seconds()
+        for i in range(4):
+            client.transport.write(b"x")
+            yield wait_for(lambda n=i + 1: client.received == n, what="the echo")
+            last = reactor.seconds()
+            if i < 3:
+                yield wait_for(lambda t=last: reactor.seconds() >= t + idle / 2, what="half idle")
+        self.assertFalse(client.lost.called)
+        yield client.lost
+        closed = reactor.seconds()
+        self.assertGreater(closed - started, 2 * idle)
+        # The proxy saw the last byte a moment before the client did.
+        self.assertGreaterEqual(closed - last, idle - 0.05)
+        self.assertLess(closed - last, idle + idle / 16 + 0.5)
+        yield wait_for(lambda: self.factory.active == 0)
+
+    @inlineCallbacks
     def test_all_backends_down(self):
         """With every backend refusing, the client is closed promptly, with no bytes."""
         dead = [("127.0.0.1", closed_port()), ("127.0.0.1", closed_port())]

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
@@ -230,6 +231,25 @@ class SpliceRelayTests(TestCase):
         yield b.lost
         self.assertTrue(a.reason.check(error.ConnectionDone))
         self.assertTrue(b.reason.check(error.ConnectionDone))
+
+    @inlineCallbacks
+    def test_reactor_reports_both_sockets_lost(self):
+        """
+        A reactor that shuts down reports every socket it watches as lost,
+        both of a tunnel's among them: the first report ends the tunnel, and
+        the second (or a late read or write event) is ignored instead of
+        raising.
+        """
+        a, b, tunnel = yield self.tunnel()
+        first, second = tunnel._a, tunnel._b
+        lost = Failure(error.ConnectionLost())
+        first.connectionLost(lost)
+        second.connectionLost(lost)
+        second.doRead()
+        second.doWrite()
+        yield self.assertFailure(tunnel.done, error.ConnectionLost)
+        yield a.lost
+        yield b.lost
 
     @inlineCallbacks
     def test_idle_timeout(self):

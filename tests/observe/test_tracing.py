@@ -27,7 +27,7 @@ from balance.observe.tracing import (
     strip,
 )
 from tests.helpers import wait_for
-from tests.integration.test_http_proxy import BalanceTestCase, raw_exchange
+from tests.integration.test_http_proxy import OK, BalanceTestCase, raw_exchange
 
 TRACE = b"4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = b"00f067aa0ba902b7"
@@ -370,14 +370,33 @@ class EndToEndTests(BalanceTestCase):
         self.assertEqual((trace, sampled), (TRACE, True))
         self.assertNotEqual(parent, PARENT)
         self.assertEqual(fields[b"tracestate"], [b"k=v"])
-        await wait_for(lambda: self.receiver.spans, 10, "the span at the collector")
-        [span] = self.receiver.spans
+        await wait_for(lambda: self.receiver.spans, 10, "the spans at the collector")
+        [client, span] = self.receiver.spans
         self.assertEqual(self.receiver.posts, [(b"/v1/traces", b"application/json")])
         self.assertEqual(span["service"], "edge")
         self.assertEqual(span["traceId"], TRACE.decode())
         self.assertEqual(span["parentSpanId"], PARENT.decode())
-        self.assertEqual(span["spanId"], parent.decode())
         self.assertEqual(span["kind"], 2)
+        # The try upstream: a client span, child of the server span, and
+        # the backend's parent.
+        self.assertEqual(client["kind"], 3)
+        self.assertEqual(client["traceId"], TRACE.decode())
+        self.assertEqual(client["parentSpanId"], span["spanId"])
+        self.assertEqual(client["spanId"], parent.decode())
+        self.assertEqual(client["name"], "GET")
+        self.assertEqual(
+            client["attrs"],
+            {
+                "http.request.method": "GET",
+                "server.address": "127.0.0.1",
+                "server.port": str(self.backend_port()),
+                "balance.upstream.address": f"127.0.0.1:{self.backend_port()}",
+                "http.response.status_code": "200",
+            },
+        )
+        self.assertEqual(client["status"], {"code": 0})
+        self.assertLessEqual(int(span["startTimeUnixNano"]), int(client["startTimeUnixNano"]))
+        self.assertLessEqual(int(client["endTimeUnixNano"]), int(span["endTimeUnixNano"]))
         self.assertLess(int(span["startTimeUnixNano"]), int(span["endTimeUnixNano"]))
         attrs = span["attrs"]
         self.assertEqual(attrs["http.request.method"], "GET")
@@ -420,9 +439,9 @@ class EndToEndTests(BalanceTestCase):
         await self.in_thread(request_with, self.port, b"traceparent: " + traceparent())
         self.assertEqual(self.receiver.spans, [])
         await self.service.stopService()
-        self.assertEqual(len(self.receiver.spans), 1)
+        self.assertEqual([s["kind"] for s in self.receiver.spans], [3, 2])
         text = self.service.metrics.render().decode()
-        self.assertIn('balance_tracing_spans_total{result="exported"} 1.0', text)
+        self.assertIn('balance_tracing_spans_total{result="exported"} 2.0', text)
 
 
 class CollectorDownTests(SynchronousTestCase):
@@ -474,3 +493,60 @@ class AttributesTests(SynchronousTestCase):
         self.assertEqual(attributes["server.address"], "::1")
         self.assertEqual(attributes["http.route"], "/r/.*")
         self.assertEqual(error, "status 503")
+
+
+class RetrySpanTests(BalanceTestCase):
+    """Each try upstream is a client span of its own; retries are siblings."""
+
+    async def test_retry(self):
+        receiver = Receiver()
+        port = reactor.listenTCP(0, Site(receiver), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        unavailable = (
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        answers = [unavailable]
+
+        def answer(request, conn):
+            conn.transport.write(answers.pop() if answers else OK)
+
+        backend, backend_port = self.recording(answer)
+        self.port = self.start_balance(
+            f"""
+            listeners:
+              - name: web
+                listen: "tcp:0:interface=127.0.0.1"
+                routes:
+                  - match: {{path_prefix: "/"}}
+                    cluster: app
+                    retry: {{attempts: 2, on: ["503"], backoff: {{base: 1ms, max: 2ms}}}}
+            clusters:
+              - name: app
+                backends: ["127.0.0.1:{backend_port}"]
+            tracing:
+              service_name: edge
+              sample_ratio: 1
+              otlp_endpoint: "http://127.0.0.1:{port.getHost().port}"
+            """
+        )
+        [response], _, _ = await self.in_thread(request_with, self.port)
+        self.assertEqual(response.status, 200)
+        await self.service.stopService()
+        first, second, server = receiver.spans
+        self.assertEqual([s["kind"] for s in (first, second, server)], [3, 3, 2])
+        self.assertEqual({first["parentSpanId"], second["parentSpanId"]}, {server["spanId"]})
+        self.assertNotEqual(first["spanId"], second["spanId"])
+        self.assertEqual(first["attrs"]["http.response.status_code"], "503")
+        self.assertEqual(first["status"]["code"], 2)
+        self.assertIn("status 503", first["status"]["message"])
+        self.assertNotIn("http.request.resend_count", first["attrs"])
+        self.assertEqual(second["attrs"]["http.response.status_code"], "200")
+        self.assertEqual(second["attrs"]["http.request.resend_count"], "1")
+        self.assertEqual(second["status"], {"code": 0})
+        self.assertLessEqual(int(first["endTimeUnixNano"]), int(second["startTimeUnixNano"]))
+        # Each try's request names its own span as the parent.
+        parents = [
+            parse_traceparent(dict((n.lower(), v) for n, v in r.headers)[b"traceparent"])[1]
+            for r in backend.requests()
+        ]
+        self.assertEqual(parents, [first["spanId"].encode(), second["spanId"].encode()])
