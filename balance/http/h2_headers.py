@@ -366,10 +366,17 @@ def grpc_local_fields(status: int, reason: str, extra: bytes = b"") -> list:
     if reason:
         out.append((b"grpc-message", _grpc_message(reason)))
     if extra:
-        for line in extra.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if sep:
-                out.append((name.strip().lower(), value.strip()))
+        out += _extra_fields(extra)
+    return out
+
+
+def _extra_fields(extra: bytes) -> list:
+    """HTTP/1.1 header lines (each ending in CRLF) as HTTP/2 fields."""
+    out = []
+    for line in extra.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            out.append((name.strip().lower(), value.strip()))
     return out
 
 
@@ -437,10 +444,7 @@ def local_fields(status: int, body: bytes, extra: bytes = b"") -> list:
         (b"content-length", b"%d" % len(body)),
     ]
     if extra:
-        for line in extra.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if sep:
-                out.append((name.strip().lower(), value.strip()))
+        out += _extra_fields(extra)
     return out
 
 

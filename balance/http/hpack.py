@@ -638,15 +638,7 @@ class Decoder:
                     raise HPACKError("index %d out of range" % (index,))
             elif byte & 64:
                 # Literal with incremental indexing (6.2.1).
-                index = byte & 63
-                if index == 63:
-                    index, pos = _integer(block, pos, 63)
-                if index:
-                    name = self._name(index)
-                else:
-                    name, pos = _string(block, pos)
-                value, pos = _string(block, pos)
-                field = (name, value)
+                field, pos = self._literal(block, pos, byte & 63, 63)
                 self._add(field)
                 table = self._table
             elif byte & 32:
@@ -664,20 +656,26 @@ class Decoder:
                 continue
             else:
                 # Literal without indexing (6.2.2) or never indexed (6.2.3).
-                index = byte & 15
-                if index == 15:
-                    index, pos = _integer(block, pos, 15)
-                if index:
-                    name = self._name(index)
-                else:
-                    name, pos = _string(block, pos)
-                value, pos = _string(block, pos)
-                field = (name, value)
+                field, pos = self._literal(block, pos, byte & 15, 15)
             size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if size > limit:
                 raise HeaderListTooLarge("header list larger than %d bytes" % (limit,))
             append(field)
         return fields
+
+    def _literal(self, block, pos: int, index: int, mask: int) -> tuple[tuple, int]:
+        """
+        A literal field (6.2) whose first byte held C{index} under the
+        prefix C{mask}: the field, and where the block goes on.
+        """
+        if index == mask:
+            index, pos = _integer(block, pos, mask)
+        if index:
+            name = self._name(index)
+        else:
+            name, pos = _string(block, pos)
+        value, pos = _string(block, pos)
+        return (name, value), pos
 
     def _name(self, index: int) -> bytes:
         if 0 < index <= 61:

@@ -160,22 +160,46 @@ class GRPCLocalReplyTests(H2TestCase):
     as Envoy sends), and a call's grpc-timeout bounds the route's timeout.
     """
 
-    async def test_unavailable(self):
-        """No backend takes the call: the client sees UNAVAILABLE and why."""
-        _need_grpc()
-        dead = closed_port()
-        port = self.start_balance(
+    def balance_to(self, backend_port: int) -> int:
+        """Balance in front of one h2 backend, with a 60 s route timeout; its port."""
+        return self.start_balance(
             f"""
             listeners:
               - name: web
                 listen: "tcp:0:interface=127.0.0.1"
-                cluster: grpc
+                routes:
+                  - {{match: {{path_prefix: /}}, cluster: grpc, timeout: 60s}}
             clusters:
               - name: grpc
                 upstream_protocol: h2
-                backends: ["127.0.0.1:{dead}"]
+                backends: ["127.0.0.1:{backend_port}"]
             """
         )
+
+    async def call(self, port: int, path: bytes, timeout: bytes) -> _H2Client:
+        """A raw gRPC call (h2c) with this grpc-timeout; the client once answered."""
+        client = _H2Client(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":authority", b"grpc.test"),
+                (b":path", path),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                (b"grpc-timeout", timeout),
+            ],
+            b"\0\0\0\0\0",
+            None,
+        )
+        await connect_client(port, client)
+        await wait_for(lambda: client.done, 20, "the answer")
+        return client
+
+    async def test_unavailable(self):
+        """No backend takes the call: the client (grpcio) sees UNAVAILABLE and why."""
+        _need_grpc()
+        dead = closed_port()
+        port = self.balance_to(dead)
         out, err, code = await getProcessOutputAndValue(
             sys.executable,
             [_PEER, "status", f"127.0.0.1:{port}"],
@@ -195,36 +219,9 @@ class GRPCLocalReplyTests(H2TestCase):
         timeout; the backend saw the grpc-timeout too.
         """
         backend = H2Backend()
-        backend_port = backend.listen(self)
-        port = self.start_balance(
-            f"""
-            listeners:
-              - name: web
-                listen: "tcp:0:interface=127.0.0.1"
-                routes:
-                  - {{match: {{path_prefix: /}}, cluster: grpc, timeout: 60s}}
-            clusters:
-              - name: grpc
-                upstream_protocol: h2
-                backends: ["127.0.0.1:{backend_port}"]
-            """
-        )
-        client = _H2Client(
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":authority", b"grpc.test"),
-                (b":path", b"/hold"),
-                (b"content-type", b"application/grpc"),
-                (b"te", b"trailers"),
-                (b"grpc-timeout", b"300m"),
-            ],
-            b"\0\0\0\0\0",
-            None,
-        )
+        port = self.balance_to(backend.listen(self))
         started = reactor.seconds()
-        await connect_client(port, client)
-        await wait_for(lambda: client.done, 20, "the answer")
+        client = await self.call(port, b"/hold", b"300m")
         self.assertLess(reactor.seconds() - started, 10)
         self.assertEqual(client.headers[b":status"], b"200")
         self.assertEqual(client.headers[b"grpc-status"], b"4")
@@ -238,32 +235,7 @@ class GRPCLocalReplyTests(H2TestCase):
         clients read as INTERNAL), never forwarded.
         """
         backend = H2Backend()
-        backend_port = backend.listen(self)
-        port = self.start_balance(
-            f"""
-            listeners:
-              - name: web
-                listen: "tcp:0:interface=127.0.0.1"
-                cluster: grpc
-            clusters:
-              - name: grpc
-                upstream_protocol: h2
-                backends: ["127.0.0.1:{backend_port}"]
-            """
-        )
-        client = _H2Client(
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":authority", b"grpc.test"),
-                (b":path", b"/x"),
-                (b"content-type", b"application/grpc"),
-                (b"grpc-timeout", b"1 S"),
-            ],
-            b"\0\0\0\0\0",
-            None,
-        )
-        await connect_client(port, client)
-        await wait_for(lambda: client.done, 20, "the answer")
+        port = self.balance_to(backend.listen(self))
+        client = await self.call(port, b"/x", b"1 S")
         self.assertEqual(client.headers[b":status"], b"400")
         self.assertEqual(backend.requests, [])
