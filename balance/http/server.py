@@ -245,7 +245,11 @@ class HTTPContext:
         else:
             per_ip.pop(ip, None)
         self.listener_metrics.active -= 1
-        if not self.connections:
+        if not self.connections and self.draining:
+            # The listener is going away: no timer may outlive it.  (While
+            # it serves, the timers stay armed when the last connection
+            # goes: they stop by themselves when they find nothing due, and
+            # a lone connection after another costs no callLater/cancel.)
             self.timers.stop_if_empty()
         if not self.connections and self._drained:
             waiting, self._drained = self._drained, []
@@ -390,6 +394,7 @@ class HTTPFactory(ServerFactory):
         ctx.draining = True
         d = Deferred()
         if not ctx.connections:
+            ctx.timers.stop_if_empty()
             d.callback(None)
             return d
         ctx._drained.append(d)
