@@ -8,7 +8,8 @@ the parent bound (inherited file descriptors, named on the command line),
 and serves them like a single-process Balance: its own clusters, health
 checks, pools and metrics.  Its admin API listens on a private UNIX socket
 that only the parent uses.  It says "ready" on the status descriptor once
-its reactor runs, logs to stdout as JSON lines (the parent re-emits the
+its reactor runs, drains and exits if its parent dies (even by SIGKILL),
+logs to stdout as JSON lines (the parent re-emits the
 events with their fields), reloads on
 SIGHUP and drains on SIGTERM, as the parent asks.
 """
@@ -16,13 +17,17 @@ SIGHUP and drains on SIGTERM, as the parent asks.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import socket
 import sys
 
 import attr
 
 _FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6, "unix": socket.AF_UNIX}
+
+_PR_SET_PDEATHSIG = 1
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -64,6 +69,9 @@ def parse_args(argv) -> argparse.Namespace:
         "--rate-limit-fd", type=int, default=None, help="the group's shared rate-limit table"
     )
     parser.add_argument(
+        "--parent-pid", type=int, default=None, help="drain and exit when this process dies"
+    )
+    parser.add_argument(
         "--socket",
         action="append",
         default=[],
@@ -83,9 +91,29 @@ def _observer(stream):
     return JSONLinesObserver(stream)
 
 
+def die_with_parent(parent_pid: int) -> bool:
+    """
+    Have the kernel send this process SIGTERM (a drain) when its parent
+    dies, as a worker must not outlive its group (a parent killed with
+    SIGKILL cannot tell its workers).  Linux's C{PR_SET_PDEATHSIG}.
+
+    :return: whether the parent is still there (when it is not, it died
+        before the request took effect, and the worker should not start).
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except AttributeError:  # pragma: no cover - not Linux
+        return True
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    return os.getppid() == parent_pid
+
+
 def main(argv=None) -> int:
     """Run one worker until it is told to stop; the process's exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.parent_pid is not None and not die_with_parent(args.parent_pid):
+        print("the workers' parent is gone; not starting", file=sys.stderr)
+        return 1
     from twisted.internet import epollreactor
 
     epollreactor.install()

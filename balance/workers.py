@@ -154,6 +154,8 @@ class _Worker(ProcessProtocol):
             self.admin_path,
             "--status-fd",
             "3",
+            "--parent-pid",
+            str(os.getpid()),
         ]
         child_fds = {1: "r", 2: "r", 3: "r"}
         if group.rate_limit_fd is not None:

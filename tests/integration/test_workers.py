@@ -401,3 +401,43 @@ class SharedRateLimitTests(unittest.TestCase):
         proc.signal("TERM")
         code = yield proc.ended
         self.assertEqual(code, 0, proc.output)
+
+
+class ParentKilledTests(unittest.TestCase):
+    """Workers never outlive their group."""
+
+    @inlineCallbacks
+    def test_parent_killed(self):
+        """
+        The parent killed with SIGKILL (it cannot tell anyone): its workers
+        drain and exit by themselves, and the port is free again.
+        """
+        ports = {n: twistd.free_port() for n in ("admin", "port", "upstream")}
+        path = os.path.abspath(self.mktemp() + ".yaml")
+        with open(path, "w") as f:
+            f.write(CONFIG.format(version="v1", **ports))
+        proc = yield twistd.start(self, path, ports["port"])
+        admin = "http://127.0.0.1:%d" % ports["admin"]
+        pids = {}
+
+        @inlineCallbacks
+        def ready():
+            try:
+                code, body = yield get(admin + "/stats")
+            except ConnectError:
+                return False
+            workers = json.loads(body).get("workers", []) if code == 200 else []
+            pids.update({w["index"]: w["pid"] for w in workers if w["ready"]})
+            return len(pids) == 2
+
+        yield until(ready, 30, "workers ready")
+        proc.signal("KILL")
+        yield proc.ended
+
+        @inlineCallbacks
+        def gone():
+            yield None
+            return not any(_alive(pid) for pid in pids.values())
+
+        yield until(gone, 30, "the workers to exit")
+        yield twistd.wait_for(lambda: not twistd.port_open(ports["port"]), 10, "the port closed")
