@@ -666,21 +666,25 @@ def http_request(path: str, host: str) -> bytes:
     ) % (path_bytes, host_bytes, USER_AGENT)
 
 
+def _h2_fields(method: bytes, path: str, host: str, scheme: str, *more) -> list:
+    path_bytes, host_bytes = _request_target(path, host)
+    return [
+        (b":method", method),
+        (b":scheme", scheme.encode("ascii")),
+        (b":authority", host_bytes),
+        (b":path", path_bytes),
+        *more,
+        (b"user-agent", USER_AGENT),
+    ]
+
+
 def h2_request(path: str, host: str, scheme: str = "http") -> list[tuple[bytes, bytes]]:
     """
     The header fields of an HTTP/2 health check request (C{GET path}).
 
     :raise ValueError: as L{http_request}.
     """
-    path_bytes, host_bytes = _request_target(path, host)
-    return [
-        (b":method", b"GET"),
-        (b":scheme", scheme.encode("ascii")),
-        (b":authority", host_bytes),
-        (b":path", path_bytes),
-        (b"user-agent", USER_AGENT),
-        (b"accept", b"*/*"),
-    ]
+    return _h2_fields(b"GET", path, host, scheme, (b"accept", b"*/*"))
 
 
 def grpc_request(host: str, scheme: str = "http") -> list[tuple[bytes, bytes]]:
@@ -689,16 +693,14 @@ def grpc_request(host: str, scheme: str = "http") -> list[tuple[bytes, bytes]]:
 
     :raise ValueError: as L{http_request}.
     """
-    path_bytes, host_bytes = _request_target(GRPC_HEALTH_CHECK, host)
-    return [
-        (b":method", b"POST"),
-        (b":scheme", scheme.encode("ascii")),
-        (b":authority", host_bytes),
-        (b":path", path_bytes),
+    return _h2_fields(
+        b"POST",
+        GRPC_HEALTH_CHECK,
+        host,
+        scheme,
         (b"content-type", b"application/grpc"),
         (b"te", b"trailers"),
-        (b"user-agent", USER_AGENT),
-    ]
+    )
 
 
 def http_probe(
