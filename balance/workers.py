@@ -463,7 +463,6 @@ class WorkerGroup(MultiService):
         closed = [p for p in self.ports.values() if id(p) not in kept]
         self._use_ports(ports)
         self.generation += 1
-        self.config = new
         self.log.info(
             "listeners changed: starting generation {generation} of {count} workers "
             "(each replaced worker drains once its successor is ready)",

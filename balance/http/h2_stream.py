@@ -160,11 +160,11 @@ class H2Stream(QueuedStream):
         to a gRPC call, a Trailers-Only gRPC status instead.
         """
         if is_grpc(ex):
+            # Trailers-Only: the status in the head, no body.
             self._head = grpc_local_fields(status, ex.reason, extra)
-            self._end = True
-            self.conn.want_to_send(self)
-            return
-        self._head = local_fields(status, body, extra)
+            body = b""
+        else:
+            self._head = local_fields(status, body, extra)
         if body and ex.method != b"HEAD":
             self._out.append(body)
             self._out_bytes += len(body)
